@@ -1,0 +1,6 @@
+"""Flax Linen modules of the three SVD networks."""
+
+from .clip import CLIPVisionModelWithProjection
+from .vae import AutoencoderKLTemporalDecoder, DiagonalGaussian
+
+__all__ = ["AutoencoderKLTemporalDecoder", "CLIPVisionModelWithProjection", "DiagonalGaussian"]
