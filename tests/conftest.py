@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny PyTorch reference models (diffusers / transformers), perturbed and saved to disk.
+
+Every parameter is perturbed away from its init (norm scales away from 1, biases and mix factors away from 0)
+so that no branch of the port can hide behind a zero or a one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the network
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "svd_param_keys.txt"
+
+# Tiny VAE configs that exercise every structural branch: 4 levels (8x, shortcuts where channels change),
+# an attention encoder block, layers_per_block 1 (mid attention owned but unused) and 3 (extra mid resnet).
+VAE_CONFIGS = {
+    "svd_like": dict(block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                     layers_per_block=2, latent_channels=4),
+    "attn_lpb1": dict(block_out_channels=(32, 64), down_block_types=("AttnDownEncoderBlock2D", "DownEncoderBlock2D"),
+                      layers_per_block=1, latent_channels=3),
+    "lpb3": dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, layers_per_block=3,
+                 latent_channels=4),
+}
+
+CLIP_CONFIGS = {
+    "gelu": dict(hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=224, patch_size=32, hidden_act="gelu", layer_norm_eps=1e-5),
+    "quick_gelu": dict(hidden_size=48, intermediate_size=64, projection_dim=16, num_hidden_layers=3,
+                       num_attention_heads=2, image_size=60, patch_size=12, hidden_act="quick_gelu",
+                       layer_norm_eps=1e-6),
+}
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Move every parameter and persistent float buffer away from its init, deterministically."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.state_dict().items():
+        if not p.is_floating_point():
+            continue
+        noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        if name.endswith("mix_factor"):
+            p.copy_(noise)  # sigmoid(mix) far from 0.5, different per block
+        elif p.ndim == 1 and name.endswith("weight"):  # norm scales
+            p.copy_(1.0 + 0.3 * noise)
+        elif name.endswith("bias") or p.ndim == 1:
+            p.add_(0.1 * noise)
+        else:
+            scale = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.05
+            p.add_(0.5 * scale * noise)
+    for name, p in model.state_dict().items():
+        if p.is_floating_point():
+            assert not torch.all(p == 0) and not torch.all(p == 1), f"{name} still trivial"
+    return model.eval()
+
+
+def make_vae(cfg: dict, seed: int = 0):
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    torch.manual_seed(seed)
+    return perturb_(AutoencoderKLTemporalDecoder(**cfg), seed)
+
+
+def make_clip(cfg: dict, seed: int = 0):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg)).float()
+    return perturb_(model, seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_vaes(tmp_path_factory):
+    """{name: (torch model, saved folder)} for every VAE_CONFIGS entry."""
+    out = {}
+    for i, (name, cfg) in enumerate(VAE_CONFIGS.items()):
+        model = make_vae(cfg, seed=i)
+        folder = tmp_path_factory.mktemp(f"vae_{name}")
+        model.save_pretrained(folder)
+        out[name] = (model, folder)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clips(tmp_path_factory):
+    """{name: (torch model, saved folder)} for every CLIP_CONFIGS entry."""
+    out = {}
+    for i, (name, cfg) in enumerate(CLIP_CONFIGS.items()):
+        model = make_clip(cfg, seed=10 + i)
+        folder = tmp_path_factory.mktemp(f"clip_{name}")
+        model.save_pretrained(folder)
+        out[name] = (model, folder)
+    return out
+
+
+def rel_err(a, b) -> float:
+    """max|a - b| / max|b|, in float64."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def nchw(x) -> torch.Tensor:
+    """(N, H, W, C) numpy -> (N, C, H, W) torch float32."""
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(x, np.float32), (0, 3, 1, 2))))
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().permute(0, 2, 3, 1).numpy()
+
+
+def reference_keys(component: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of one full-size SVD-XT component from shared/reference/svd_param_keys.txt."""
+    out = {}
+    for line in REFERENCE.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, shape = line.split("\t")
+        comp, name = key.split("/", 1)
+        if comp == component:
+            out[name] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
+    return out
