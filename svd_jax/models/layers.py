@@ -13,6 +13,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .attention import dot_product_attention
 
@@ -97,6 +98,7 @@ class Attention(nn.Module):
     norm_eps: float = 1e-5
     residual_connection: bool = False
     out_bias: bool = True
+    single_token_fast_path: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -107,13 +109,20 @@ class Attention(nn.Module):
         if self.norm_num_groups is not None:
             x = GroupNorm(self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype, name="group_norm")(x)
         ctx = x if context is None else context
-        q = dense(inner, "to_q", self.dtype, self.param_dtype, self.bias)(x)
-        k = dense(inner, "to_k", self.dtype, self.param_dtype, self.bias)(ctx)
-        v = dense(inner, "to_v", self.dtype, self.param_dtype, self.bias)(ctx)
-        split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.dim_head))
-        out = dot_product_attention(split(q), split(k), split(v))
-        out = out.reshape(out.shape[:2] + (inner,))
-        out = dense(residual.shape[-1], "to_out_0", self.dtype, self.param_dtype, self.out_bias)(out)
+        to_q = dense(inner, "to_q", self.dtype, self.param_dtype, self.bias)
+        to_k = dense(inner, "to_k", self.dtype, self.param_dtype, self.bias)
+        to_v = dense(inner, "to_v", self.dtype, self.param_dtype, self.bias)
+        to_out = dense(residual.shape[-1], "to_out_0", self.dtype, self.param_dtype, self.out_bias)
+        if self.single_token_fast_path and ctx.shape[1] == 1:
+            # Softmax over a single key is exactly 1: the output is to_out(to_v(c)) for every query.
+            if self.is_initializing():
+                to_q(x), to_k(ctx)
+            out = to_out(to_v(ctx))
+            out = jnp.broadcast_to(out, x.shape[:2] + out.shape[2:])
+        else:
+            split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.dim_head))
+            out = dot_product_attention(split(to_q(x)), split(to_k(ctx)), split(to_v(ctx)))
+            out = to_out(out.reshape(out.shape[:2] + (inner,)))
         if self.residual_connection:
             out = out + residual
         return out
@@ -268,18 +277,116 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """diffusers Upsample2D with a conv: nearest x2 (exact repeat), then 3x3 conv. (N, H, W, C) -> (N, 2H, 2W, C')."""
+    """diffusers Upsample2D with a conv: nearest x2 (or to ``output_size``), then 3x3 conv.
+
+    (N, H, W, C) -> (N, 2H, 2W, C'), or (N, *output_size, C') with PyTorch's nearest rule src = floor(dst*in/out).
+    """
 
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x, output_size=None):
+        h, w = x.shape[1:3]
+        if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            oh, ow = output_size
+            x = x[:, (np.arange(oh) * h) // oh][:, :, (np.arange(ow) * w) // ow]
         return conv(self.out_channels, (3, 3), "conv", self.dtype, self.param_dtype)(x)
 
 
 def to_tokens(x):
     """(N, H, W, C) -> (N, H*W, C), row-major over (H, W) as PyTorch's view(N, C, H*W).transpose(1, 2)."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0, max_period: float = 10000.0):
+    """diffusers get_timestep_embedding in float32: t (N,) -> (N, dim), [cos | sin] when flip_sin_to_cos."""
+    half = dim // 2
+    freqs = jnp.exp(-jnp.log(jnp.float32(max_period)) * jnp.arange(half, dtype=jnp.float32) / (half - shift))
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers TimestepEmbedding: linear_1 -> SiLU -> linear_2. (N, in) -> (N, out_dim or time_embed_dim)."""
+
+    time_embed_dim: int
+    out_dim: Optional[int] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.silu(dense(self.time_embed_dim, "linear_1", self.dtype, self.param_dtype)(x))
+        return dense(self.out_dim or self.time_embed_dim, "linear_2", self.dtype, self.param_dtype)(h)
+
+
+class _DenseParams(nn.Module):
+    """The parameters of a torch Linear (kernel (in, out), bias), returned instead of applied."""
+
+    in_features: int
+    features: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        k = self.param("kernel", nn.initializers.lecun_normal(), (self.in_features, self.features), self.param_dtype)
+        b = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        return k, b
+
+
+class _GEGLUParams(nn.Module):
+    in_features: int
+    inner: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return _DenseParams(self.in_features, 2 * self.inner, self.param_dtype, name="proj")()
+
+
+class FeedForward(nn.Module):
+    """diffusers FeedForward with GEGLU (params ``net_0/proj``, ``net_2``): x -> net_2(a * gelu_erf(g)).
+
+    ``chunk_size``/``chunk_dim``: compute the position-wise FF over slices of ``chunk_size`` along axis
+    ``chunk_dim`` inside a loop (``lax.map``), as diffusers' forward chunking; identical results, less memory.
+    x (..., dim) -> (..., dim_out or dim).
+    """
+
+    mult: int = 4
+    dim_out: Optional[int] = None
+    chunk_size: Optional[int] = None
+    chunk_dim: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        inner = dim * self.mult
+        k1, b1 = _GEGLUParams(dim, inner, self.param_dtype, name="net_0")()
+        k2, b2 = _DenseParams(inner, self.dim_out or dim, self.param_dtype, name="net_2")()
+        dt = self.dtype
+        k1, b1, k2, b2 = (a.astype(dt) for a in (k1, b1, k2, b2))
+
+        def ff(h):
+            a, g = jnp.split(jnp.dot(h.astype(dt), k1) + b1, 2, axis=-1)
+            return jnp.dot(a * jax.nn.gelu(g, approximate=False), k2) + b2
+
+        if self.chunk_size is None:
+            return ff(x)
+        ax, n = self.chunk_dim, x.shape[self.chunk_dim]
+        if n % self.chunk_size:
+            raise ValueError(f"forward chunking: axis {ax} of length {n} is not divisible by chunk_size {self.chunk_size}")
+        xs = jnp.moveaxis(x, ax, 0)
+        xs = xs.reshape((n // self.chunk_size, self.chunk_size) + xs.shape[1:])
+        ys = jax.lax.map(ff, xs)
+        return jnp.moveaxis(ys.reshape((n,) + ys.shape[2:]), 0, ax)

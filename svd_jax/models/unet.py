@@ -1,0 +1,337 @@
+"""UNetSpatioTemporalConditionModel: the SVD denoiser, channels-last.
+
+Mirrors diffusers' ``UNetSpatioTemporalConditionModel`` (SPEC §2): frames are folded into the batch b-major
+(B*F, h, w, C) for every 2-D op; temporal resnets see (B, F, h, w, C); the spatio-temporal transformers
+attend over the h*w tokens of one frame, then over the F frames of one pixel. Quirks reproduced on purpose:
+GroupNorm eps 1e-6 in CrossAttnDown and all Up resnets but 1e-5 in DownBlock/mid resnets, temporal GroupNorm
+pooled over frames, 'learned_with_images' blending, frame-index position embedding only on the temporal
+branch, frame-0 CLIP context for the temporal cross-attention, skip concat [hidden, skip].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ..weights import DIFFUSERS_WEIGHTS, CheckpointError, PretrainedMixin, check_class_name, config_fields
+from .layers import (
+    AlphaBlender,
+    Attention,
+    Downsample2D,
+    FeedForward,
+    GroupNorm,
+    LayerNorm,
+    SpatioTemporalResBlock,
+    TimestepEmbedding,
+    Upsample2D,
+    conv,
+    dense,
+    timestep_embedding,
+)
+
+Dtype = Any
+DOWN_TYPES = ("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal")
+UP_TYPES = ("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal")
+
+
+@flax.struct.dataclass
+class UNetOutput:
+    """sample: (B, F, h, w, out_channels), the model prediction (v for SVD)."""
+
+    sample: jax.Array
+
+
+class BasicTransformerBlock(nn.Module):
+    """Spatial block: self-attention over one frame's tokens, cross-attention, GEGLU FF (pre-LN, eps 1e-5).
+
+    x (B*F, S, C), context (B*F, Sc, Dc) -> (B*F, S, C).
+    """
+
+    heads: int
+    dim_head: int
+    chunk_size: Optional[int] = None
+    chunk_dim: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        dt, pt = self.dtype, self.param_dtype
+        attn = lambda name: Attention(self.heads, self.dim_head, dtype=dt, param_dtype=pt, name=name)
+        x = attn("attn1")(LayerNorm(1e-5, dt, pt, name="norm1")(x)) + x
+        x = attn("attn2")(LayerNorm(1e-5, dt, pt, name="norm2")(x), context) + x
+        ff = FeedForward(chunk_size=self.chunk_size, chunk_dim=self.chunk_dim, dtype=dt, param_dtype=pt, name="ff")
+        return ff(LayerNorm(1e-5, dt, pt, name="norm3")(x)) + x
+
+
+class TemporalBasicTransformerBlock(nn.Module):
+    """Temporal block: each pixel's F frames are one sequence. x (B*F, S, C), context (B*S, Sc, Dc) -> (B*F, S, C).
+
+    Forward chunking (diffusers always uses the frame axis here) slices ff_in/ff along frames.
+    """
+
+    heads: int
+    dim_head: int
+    num_frames: int
+    chunk_size: Optional[int] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        dt, pt, f = self.dtype, self.param_dtype, self.num_frames
+        bf, s, c = x.shape
+        h = x.reshape(bf // f, f, s, c).transpose(0, 2, 1, 3).reshape(-1, f, c)  # (B*S, F, C)
+        ff = lambda name: FeedForward(chunk_size=self.chunk_size, chunk_dim=1, dtype=dt, param_dtype=pt, name=name)
+        attn = lambda name: Attention(self.heads, self.dim_head, dtype=dt, param_dtype=pt, name=name)
+        h = ff("ff_in")(LayerNorm(1e-5, dt, pt, name="norm_in")(h)) + h
+        h = attn("attn1")(LayerNorm(1e-5, dt, pt, name="norm1")(h)) + h
+        h = attn("attn2")(LayerNorm(1e-5, dt, pt, name="norm2")(h), context) + h
+        h = ff("ff")(LayerNorm(1e-5, dt, pt, name="norm3")(h)) + h
+        return h.reshape(bf // f, s, f, c).transpose(0, 2, 1, 3).reshape(bf, s, c)
+
+
+class TransformerSpatioTemporalModel(nn.Module):
+    """diffusers TransformerSpatioTemporalModel. x (B*F, h, w, C), ehs (B*F, Sc, Dc), indicator (B, F) -> same as x."""
+
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    chunk_size: Optional[int] = None
+    chunk_dim: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, ehs, image_only_indicator):
+        dt, pt = self.dtype, self.param_dtype
+        b, f = image_only_indicator.shape
+        bf, hh, ww, c = x.shape
+        inner = self.heads * self.dim_head
+        # Temporal cross-attention context: frame 0's encoder states, one copy per pixel (b-major).
+        ctx0 = ehs.reshape((b, f) + ehs.shape[1:])[:, 0]
+        time_context = jnp.broadcast_to(ctx0[:, None], (b, hh * ww) + ctx0.shape[1:]).reshape((-1,) + ctx0.shape[1:])
+        residual = x
+        h = GroupNorm(32, 1e-6, dt, pt, name="norm")(x).reshape(bf, hh * ww, c)
+        h = dense(inner, "proj_in", dt, pt)(h)
+        frame_ids = jnp.tile(jnp.arange(f), b)
+        emb = TimestepEmbedding(4 * c, c, dt, pt, name="time_pos_embed")(timestep_embedding(frame_ids, c).astype(dt))
+        emb = emb[:, None, :]
+        mixer = AlphaBlender(0.5, "learned_with_images", dtype=dt, param_dtype=pt, name="time_mixer")
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(self.heads, self.dim_head, self.chunk_size, self.chunk_dim, dt, pt,
+                                      name=f"transformer_blocks_{i}")(h, ehs)
+            hm = TemporalBasicTransformerBlock(self.heads, self.dim_head, f, self.chunk_size, dt, pt,
+                                               name=f"temporal_transformer_blocks_{i}")(h + emb, time_context)
+            h = mixer(h, hm, image_only_indicator)
+        h = dense(c, "proj_out", dt, pt)(h)
+        return h.reshape(bf, hh, ww, c) + residual
+
+
+def _per_layer(value, n: int) -> list[int]:
+    """An int, or one int per layer."""
+    return [value] * n if isinstance(value, int) else list(value)
+
+
+class _Block(nn.Module):
+    """One down, mid or up block of the UNet (all five diffusers SpatioTemporal block types)."""
+
+    kind: str
+    out_channels: int
+    num_layers: int
+    transformer_layers: Sequence[int]
+    heads: int
+    resnet_eps: float
+    add_sample: bool  # downsampler / upsampler
+    chunk_size: Optional[int] = None
+    chunk_dim: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, temb, ehs, ind, skips=None, upsample_size=None):
+        dt, pt, c = self.dtype, self.param_dtype, self.out_channels
+        cross = self.kind.startswith("CrossAttn") or self.kind == "mid"
+        outputs = []
+
+        def attn(j, h):
+            return TransformerSpatioTemporalModel(self.heads, c // self.heads, self.transformer_layers[j],
+                                                  self.chunk_size, self.chunk_dim, dt, pt, name=f"attentions_{j}")(h, ehs, ind)
+
+        def resnet(j, h):
+            return SpatioTemporalResBlock(c, self.resnet_eps, dtype=dt, param_dtype=pt, name=f"resnets_{j}")(h, temb, ind)
+
+        if self.kind == "mid":
+            h = resnet(0, h)
+            for j in range(self.num_layers):
+                h = resnet(j + 1, attn(j, h))
+            return h
+        for j in range(self.num_layers):
+            if skips is not None:  # up block: concat [hidden, skip] on channels, skips popped from the end
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+            h = resnet(j, h)
+            if cross:
+                h = attn(j, h)
+            outputs.append(h)
+        if self.add_sample and skips is None:
+            h = Downsample2D(c, padding=1, dtype=dt, param_dtype=pt, name="downsamplers_0")(h)
+            outputs.append(h)
+        elif self.add_sample:
+            h = Upsample2D(c, dt, pt, name="upsamplers_0")(h, upsample_size)
+        return (h, outputs) if skips is None else h
+
+
+class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
+    """The SVD UNet. Fields are diffusers' config keys (build from ``config.json`` with ``from_config``).
+
+    Call: ``module.apply({"params": params}, sample, timestep, encoder_hidden_states, added_time_ids)``
+      * sample (B, F, h, w, in_channels): [c_in-scaled noisy latents | image latents] for SVD;
+      * timestep: scalar or (B,), the continuous 0.25*ln(sigma);
+      * encoder_hidden_states (B, S, cross_attention_dim): the CLIP image embedding, S = 1 for SVD;
+      * added_time_ids (B, n) with n * addition_time_embed_dim == projection_class_embeddings_input_dim
+        ([fps - 1, motion_bucket_id, noise_aug_strength] for SVD).
+    Returns :class:`UNetOutput` with sample (B, F, h, w, out_channels). h and w need not be equal nor divisible.
+
+    ``forward_chunk_size`` / ``forward_chunk_dim``: diffusers' ``enable_forward_chunking`` (feed-forwards
+    run over slices; dim 0 = frames x batch, 1 = tokens; temporal blocks always slice frames).
+    """
+
+    sample_size: Optional[int] = None
+    in_channels: int = 8
+    out_channels: int = 4
+    down_block_types: Sequence[str] = ("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",)
+    up_block_types: Sequence[str] = ("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3
+    block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
+    addition_time_embed_dim: int = 256
+    projection_class_embeddings_input_dim: int = 768
+    layers_per_block: Union[int, Sequence[int]] = 2
+    cross_attention_dim: Union[int, Sequence[int]] = 1024
+    transformer_layers_per_block: Union[int, Sequence[Any]] = 1
+    num_attention_heads: Union[int, Sequence[int]] = (5, 10, 20, 20)
+    num_frames: int = 25
+    forward_chunk_size: Optional[int] = None
+    forward_chunk_dim: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    _weights_names = (DIFFUSERS_WEIGHTS,)
+
+    @classmethod
+    def from_config(cls, config, dtype=jnp.float32, **options):
+        """Build from a diffusers ``unet/config.json`` dict; ``options`` set module options (forward chunking)."""
+        check_class_name(config, "UNetSpatioTemporalConditionModel")
+        kw = config_fields(cls, config)
+        kw.update(options)
+        kw = {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, tuple) else v)
+              for k, v in kw.items()}
+        module = cls(**kw, dtype=dtype, param_dtype=dtype)
+        module.validate()
+        return module
+
+    def _levels(self):
+        n = len(self.down_block_types)
+        per = lambda v: [v] * n if isinstance(v, int) else list(v)
+        return n, per(self.num_attention_heads), per(self.cross_attention_dim), per(self.layers_per_block), \
+            per(self.transformer_layers_per_block)
+
+    def validate(self):
+        """Check the config values (the same checks diffusers makes, plus supported block types)."""
+        n, heads, cross, layers, tlayers = self._levels()
+        for name, vals, allowed in (("down_block_types", self.down_block_types, DOWN_TYPES),
+                                    ("up_block_types", self.up_block_types, UP_TYPES)):
+            bad = [t for t in vals if t not in allowed]
+            if bad:
+                raise CheckpointError(f"UNet {name} {bad} not supported; supported: {allowed}")
+        for name, vals in (("up_block_types", self.up_block_types), ("block_out_channels", self.block_out_channels),
+                           ("num_attention_heads", heads), ("cross_attention_dim", cross),
+                           ("layers_per_block", layers), ("transformer_layers_per_block", tlayers)):
+            if len(vals) != n:
+                raise CheckpointError(f"UNet config: {name} has {len(vals)} entries but there are {n} down blocks")
+        for c, h in zip(self.block_out_channels, heads):
+            if c % h or c % 32:
+                raise CheckpointError(f"UNet config: {c} channels must divide into {h} heads and 32 norm groups")
+        if self.forward_chunk_dim not in (0, 1):
+            raise ValueError(f"forward_chunk_dim must be 0 or 1, not {self.forward_chunk_dim}")
+        if self.forward_chunk_size is not None and self.forward_chunk_size < 1:
+            raise ValueError(f"forward_chunk_size must be a positive int or None, not {self.forward_chunk_size}")
+
+    def _check_inputs(self, sample, timestep, ehs, added_time_ids):
+        _, _, cross, _, _ = self._levels()
+        if sample.ndim != 5 or sample.shape[-1] != self.in_channels:
+            hint = " (channels-first? use (B, F, h, w, C))" if sample.ndim == 5 and sample.shape[2] == self.in_channels else ""
+            raise ValueError(f"UNet sample must be (B, F, h, w, {self.in_channels}); got {tuple(sample.shape)}{hint}")
+        b = sample.shape[0]
+        t = jnp.shape(timestep)
+        if t not in ((), (1,), (b,)):
+            raise ValueError(f"UNet timestep must be a scalar or ({b},); got shape {t}")
+        if ehs.ndim != 3 or ehs.shape[0] != b or any(ehs.shape[-1] != d for d in set(cross)):
+            raise ValueError(f"UNet encoder_hidden_states must be ({b}, S, {cross[0]}); got {tuple(ehs.shape)}")
+        n_ids = self.projection_class_embeddings_input_dim // self.addition_time_embed_dim
+        if added_time_ids.shape != (b, n_ids):
+            raise ValueError(f"UNet added_time_ids must be ({b}, {n_ids}); got {tuple(added_time_ids.shape)}")
+
+    @nn.compact
+    def __call__(self, sample, timestep, encoder_hidden_states, added_time_ids) -> UNetOutput:
+        self._check_inputs(sample, timestep, encoder_hidden_states, added_time_ids)
+        dt, pt = self.dtype, self.param_dtype
+        n, heads, _, layers, tlayers = self._levels()
+        b, f, hh, ww, _ = sample.shape
+        ch0 = self.block_out_channels[0]
+        temb_dim = 4 * ch0
+
+        # 1-2. timestep + added-time embeddings (sinusoids in float32)
+        t = jnp.broadcast_to(jnp.reshape(jnp.asarray(timestep, jnp.float32), (-1,)), (b,))
+        emb = TimestepEmbedding(temb_dim, dtype=dt, param_dtype=pt, name="time_embedding")(
+            timestep_embedding(t, ch0).astype(dt))
+        ids = timestep_embedding(added_time_ids.reshape(-1), self.addition_time_embed_dim).reshape(b, -1)
+        emb = emb + TimestepEmbedding(temb_dim, dtype=dt, param_dtype=pt, name="add_embedding")(ids.astype(dt))
+
+        # 3. fold frames into the batch, b-major
+        x = sample.reshape((b * f, hh, ww, -1)).astype(dt)
+        emb = jnp.repeat(emb, f, axis=0)
+        ehs = jnp.repeat(encoder_hidden_states.astype(dt), f, axis=0)
+        ind = jnp.zeros((b, f), dt)
+
+        x = conv(ch0, (3, 3), "conv_in", dt, pt)(x)
+        skips = [x]
+        opts = dict(chunk_size=self.forward_chunk_size, chunk_dim=self.forward_chunk_dim, dtype=dt, param_dtype=pt)
+        for i, kind in enumerate(self.down_block_types):
+            eps = 1e-6 if kind.startswith("CrossAttn") else 1e-5  # diffusers ignores the resnet_eps it passes
+            x, outs = _Block(kind, self.block_out_channels[i], layers[i], _per_layer(tlayers[i], layers[i]), heads[i],
+                             eps, i < n - 1, **opts, name=f"down_blocks_{i}")(x, emb, ehs, ind)
+            skips += outs
+        x = _Block("mid", self.block_out_channels[-1], 1, _per_layer(tlayers[-1], 1), heads[-1], 1e-5, False,
+                   **opts, name="mid_block")(x, emb, ehs, ind)
+
+        # Up-samplers get the skip's size when the latent is not divisible by 2^(levels-1) (odd sizes).
+        up_factor = 2 ** (n - 1)
+        forward_size = hh % up_factor != 0 or ww % up_factor != 0
+        rev = lambda v: list(reversed(v))
+        r_ch, r_heads, r_layers, r_tl = rev(self.block_out_channels), rev(heads), rev(layers), rev(tlayers)
+        for i, kind in enumerate(self.up_block_types):
+            nl = r_layers[i] + 1
+            block_skips = skips[-nl:]
+            skips = skips[:-nl]
+            size = skips[-1].shape[1:3] if (forward_size and i < n - 1) else None
+            x = _Block(kind, r_ch[i], nl, _per_layer(r_tl[i], nl), r_heads[i], 1e-6, i < n - 1, **opts,
+                       name=f"up_blocks_{i}")(x, emb, ehs, ind, skips=block_skips, upsample_size=size)
+
+        x = nn.silu(GroupNorm(32, 1e-5, dt, pt, name="conv_norm_out")(x))
+        x = conv(self.out_channels, (3, 3), "conv_out", dt, pt)(x)
+        return UNetOutput(sample=x.reshape((b, f) + x.shape[1:]))
+
+    def init_params_abstract(self):
+        """The parameter tree as ``jax.ShapeDtypeStruct``s (no compute, no memory)."""
+        n = len(self.block_out_channels)
+        s = 2 ** (n - 1)
+        _, _, cross, _, _ = self._levels()
+        n_ids = self.projection_class_embeddings_input_dim // self.addition_time_embed_dim
+        args = (jax.ShapeDtypeStruct((1, 2, s, s, self.in_channels), self.dtype),
+                jax.ShapeDtypeStruct((), jnp.float32),
+                jax.ShapeDtypeStruct((1, 1, cross[0]), self.dtype),
+                jax.ShapeDtypeStruct((1, n_ids), jnp.float32))
+        return jax.eval_shape(lambda r, *a: self.init(r, *a)["params"], jax.random.PRNGKey(0), *args)
