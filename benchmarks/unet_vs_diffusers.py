@@ -1,0 +1,90 @@
+"""Full-size SVD-XT UNet, random weights, same inputs, fp32 on CPU, one process: jitted Flax vs diffusers eager.
+
+Prints the median forward time of each, their ratio, the Flax compile time and the relative error.
+
+    python benchmarks/unet_vs_diffusers.py [--batch 2 --frames 4 --height 16 --width 32 --repeats 5]
+
+Needs the [test] extra (torch, diffusers) and ~14 GB of RAM (two fp32 copies of the 1.5 B weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from svd_jax.models import UNetSpatioTemporalConditionModel
+from svd_jax.weights import load_params
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=4)
+    ap.add_argument("--height", type=int, default=16, help="latent height")
+    ap.add_argument("--width", type=int, default=32, help="latent width")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    b, f, h, w = args.batch, args.frames, args.height, args.width
+
+    from diffusers import UNetSpatioTemporalConditionModel as TorchUNet
+
+    torch.manual_seed(0)
+    model = TorchUNet().eval()  # the constructor defaults are the SVD-XT config
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    module = UNetSpatioTemporalConditionModel.from_config({})
+    params = load_params(module.init_params_abstract(), {k: v.numpy() for k, v in model.state_dict().items()})
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(b, f, h, w, 8)).astype(np.float32)
+    ehs = rng.normal(size=(b, 1, 1024)).astype(np.float32)
+    ids = np.tile(np.array([[6, 127, 0.02]], np.float32), (b, 1))
+    t = np.float32(0.8)
+
+    xt = torch.from_numpy(x).permute(0, 1, 4, 2, 3).contiguous()
+    et, it, tt = torch.from_numpy(ehs), torch.from_numpy(ids), torch.tensor(t)
+
+    def run_torch():
+        with torch.no_grad():
+            return model(xt, tt, et, it).sample
+
+    ref = run_torch()  # warm-up
+    t_torch, _ = _median_time(run_torch, args.repeats)
+
+    fwd = jax.jit(lambda p, *a: module.apply({"params": p}, *a).sample)
+    xs, es, is_, ts = map(jnp.asarray, (x, ehs, ids, t))
+    t0 = time.perf_counter()
+    compiled = fwd.lower(params, xs, ts, es, is_).compile()
+    t_compile = time.perf_counter() - t0
+    out = compiled(params, xs, ts, es, is_).block_until_ready()
+    t_jax, _ = _median_time(lambda: compiled(params, xs, ts, es, is_).block_until_ready(), args.repeats)
+
+    ref_np = ref.permute(0, 1, 3, 4, 2).numpy()
+    err = float(np.abs(np.asarray(out) - ref_np).max() / np.abs(ref_np).max())
+    print(f"SVD-XT UNet forward, fp32 CPU ({torch.get_num_threads()} torch threads, jax {jax.__version__}, "
+          f"{jax.devices()[0].platform}), B={b} F={f} latent {h}x{w}, median of {args.repeats}")
+    print(f"  diffusers eager : {t_torch * 1e3:9.1f} ms")
+    print(f"  svd-jax jitted  : {t_jax * 1e3:9.1f} ms   (compile {t_compile:.1f} s)")
+    print(f"  speed-up        : {t_torch / t_jax:9.2f}x  (diffusers time / svd-jax time)")
+    print(f"  rel. max error  : {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()
