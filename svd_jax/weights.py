@@ -519,3 +519,36 @@ def check_class_name(config: Mapping[str, Any], expected: str, source: str = "co
     found = config.get("_class_name")
     if found is not None and found != expected:
         raise CheckpointError(f"{source} is for {found}, not {expected} (wrong subfolder?)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The other direction: Flax params -> PyTorch-named tensors (to write diffusers-layout checkpoints)
+# --------------------------------------------------------------------------------------------------------------
+
+# Names whose "_<digit>" suffix is part of the PyTorch attribute name, not a list index.
+_LITERAL_SUFFIXED = re.compile(r"^(linear_\d+)$")
+
+
+def path_to_torch_name(path: FlaxPath, ndim: int) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    """Inverse of the conversion rules: Flax path -> (PyTorch name, array transform Flax -> PyTorch layout)."""
+    parts = []
+    for p in path[:-1]:
+        m = re.match(r"^(.*)_(\d+)$", p)
+        parts.append(p if (m is None or _LITERAL_SUFFIXED.match(p)) else f"{m.group(1)}.{m.group(2)}")
+    leaf = path[-1]
+    if leaf == "kernel":
+        fn = {2: lambda a: np.transpose(a), 4: lambda a: np.transpose(a, (3, 2, 0, 1)),
+              5: lambda a: np.transpose(a, (4, 3, 0, 1, 2))}[ndim]
+        return ".".join(parts + ["weight"]), fn
+    if leaf in ("scale", "embedding"):
+        return ".".join(parts + ["weight"]), lambda a: a
+    return ".".join(parts + [leaf]), lambda a: a
+
+
+def params_to_torch_state(params: Any) -> dict[str, np.ndarray]:
+    """Flax params -> ``{pytorch_name: numpy array in PyTorch layout}`` (what ``save_pretrained`` would write)."""
+    out = {}
+    for path, v in traverse_util.flatten_dict(params).items():
+        name, fn = path_to_torch_name(path, np.ndim(v))
+        out[name] = np.ascontiguousarray(fn(np.asarray(v)))
+    return out

@@ -131,3 +131,45 @@ def reference_keys(component: str) -> dict[str, tuple[int, ...]]:
         if comp == component:
             out[name] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
     return out
+
+
+SVD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                     prediction_type="v_prediction", interpolation_type="linear", use_karras_sigmas=True,
+                     sigma_min=0.002, sigma_max=700.0, timestep_spacing="leading", timestep_type="continuous",
+                     steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+
+TINY_PIPE_UNET = dict(in_channels=8, out_channels=4, block_out_channels=(32, 64),
+                      down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+                      up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+                      num_attention_heads=(2, 4), cross_attention_dim=32, addition_time_embed_dim=4,
+                      projection_class_embeddings_input_dim=12, layers_per_block=1, num_frames=3)
+TINY_PIPE_VAE = dict(block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                     layers_per_block=1, latent_channels=4)
+TINY_PIPE_CLIP = dict(hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=2,
+                      num_attention_heads=4, image_size=224, patch_size=32, hidden_act="gelu")
+
+
+def make_tiny_pipeline(seed: int = 0):
+    """A diffusers StableVideoDiffusionPipeline of tiny, perturbed components (fp32)."""
+    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+    from diffusers import UNetSpatioTemporalConditionModel as TorchUNet
+    from transformers import CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    unet = perturb_(TorchUNet(**TINY_PIPE_UNET), seed)
+    vae = make_vae(TINY_PIPE_VAE, seed + 1)
+    clip = make_clip(TINY_PIPE_CLIP, seed + 2)
+    fe = CLIPImageProcessor(crop_size=224, size=224)
+    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=clip, unet=unet,
+                                        scheduler=EulerDiscreteScheduler.from_config(SVD_SCHEDULER), feature_extractor=fe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """(diffusers pipeline, folder it was saved to with save_pretrained)."""
+    pipe = make_tiny_pipeline()
+    folder = tmp_path_factory.mktemp("tiny_svd")
+    pipe.save_pretrained(folder)
+    return pipe, folder

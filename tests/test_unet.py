@@ -163,3 +163,19 @@ def test_full_size_unet_numerics():
     err = rel_err(out, ref)
     print(f"full-size UNet rel err {err:.2e}")
     assert err <= 1e-3
+
+
+@pytest.mark.parametrize("shape,kernel,pad", [((2, 2, 4, 16), (3, 3), ((1, 1), (1, 1))),
+                                              ((1, 3, 2, 2, 8), (3, 1, 1), ((1, 1), (0, 0), (0, 0)))])
+def test_small_conv_matmul_path_equals_xla_conv(shape, kernel, pad):
+    """Tiny spatial sizes run convs as per-tap matmuls (XLA CPU's conv is pathological there): same result."""
+    from svd_jax.models import layers
+
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    conv = layers.Conv(12, kernel, padding=pad)
+    p = conv.init(jax.random.PRNGKey(1), x)
+    k = p["params"]["kernel"]
+    dims = {2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[len(kernel)]
+    ref = jax.lax.conv_general_dilated(x, k, (1,) * len(kernel), pad, dimension_numbers=dims) + p["params"]["bias"]
+    assert np.prod(shape[1:-1]) <= layers.SMALL_CONV_PIXELS
+    np.testing.assert_allclose(conv.apply(p, x), ref, rtol=1e-5, atol=1e-5)

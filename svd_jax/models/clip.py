@@ -118,7 +118,7 @@ class CLIPVisionEmbeddings(nn.Module):
         dt, pt = self.dtype, self.param_dtype
         p = self.patch_size
         cls_tok = self.param("class_embedding", nn.initializers.normal(1.0), (self.hidden_size,), pt)
-        patches = conv(self.hidden_size, (p, p), "patch_embedding", dt, pt, strides=(p, p), padding="VALID",
+        patches = conv(self.hidden_size, (p, p), "patch_embedding", dt, pt, strides=(p, p), padding=((0, 0), (0, 0)),
                        use_bias=False)(pixel_values.astype(dt))
         n = pixel_values.shape[0]
         patches = patches.reshape(n, -1, self.hidden_size)  # row-major grid, as flatten(2) in PyTorch

@@ -72,14 +72,54 @@ def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: 
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+# Below this many output pixels per image, a stride-1 conv runs as one matmul per kernel tap: XLA's CPU
+# convolution has a pathological path there (3x3, 1280 channels at 2x4: 2.6 s vs 60 ms as matmuls;
+# benchmarks/unet_vs_diffusers.py at latent 16x32 hits it at the lowest UNet level).
+SMALL_CONV_PIXELS = 16
+
+
+class Conv(nn.Module):
+    """torch.nn.Conv2d/Conv3d on channels-last input, params ``kernel`` (*k, in, out) and ``bias`` like nn.Conv.
+
+    x (N, *spatial, in) -> (N, *spatial', features). ``padding``: sequence of (lo, hi) per spatial dim.
+    """
+
+    features: int
+    kernel_size: tuple
+    strides: Optional[tuple] = None
+    padding: Any = None
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = tuple(self.kernel_size)
+        nd = len(k)
+        strides = tuple(self.strides or (1,) * nd)
+        pad = self.padding if self.padding is not None else tuple((kk // 2, kk // 2) for kk in k)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), k + (x.shape[-1], self.features),
+                            self.param_dtype).astype(self.dtype)
+        x = x.astype(self.dtype)
+        spatial_out = [(n + lo + hi - kk) // s + 1 for n, (lo, hi), kk, s in zip(x.shape[1:-1], pad, k, strides)]
+        if all(s == 1 for s in strides) and np.prod(spatial_out) <= SMALL_CONV_PIXELS:
+            xp = jnp.pad(x, ((0, 0),) + tuple(pad) + ((0, 0),))
+            y = 0
+            for tap in np.ndindex(*k):
+                window = xp[(slice(None),) + tuple(slice(t, t + n) for t, n in zip(tap, spatial_out))]
+                y = y + jnp.einsum("...c,cd->...d", window, kernel[tap])
+        else:
+            dims = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[nd]
+            y = jax.lax.conv_general_dilated(x, kernel, strides, pad, dimension_numbers=dims)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
 def conv(features: int, kernel, name: str, dtype: Dtype, param_dtype: Dtype, *, strides=None, padding=None,
-         use_bias: bool = True) -> nn.Conv:
+         use_bias: bool = True) -> Conv:
     """torch.nn.Conv2d/3d with explicit padding (default: 'same' for odd kernels, symmetric)."""
-    kernel = tuple(kernel)
-    if padding is None:
-        padding = tuple((k // 2, k // 2) for k in kernel)
-    return nn.Conv(features, kernel, strides=strides, padding=padding, use_bias=use_bias, dtype=dtype,
-                   param_dtype=param_dtype, name=name)
+    return Conv(features, tuple(kernel), strides, padding, use_bias, dtype, param_dtype, name=name)
 
 
 class Attention(nn.Module):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from ..weights import CheckpointError, DIFFUSERS_WEIGHTS, PretrainedMixin, check_class_name, config_fields
 from .layers import (
     Attention,
+    Conv,
     Downsample2D,
     GroupNorm,
     ResnetBlock2D,
@@ -275,7 +276,7 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
         dt, pt = self.dtype, self.param_dtype
         self.encoder = Encoder(self.latent_channels, tuple(self.down_block_types), tuple(self.block_out_channels),
                                self.layers_per_block, dtype=dt, param_dtype=pt)
-        self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1), padding="VALID", dtype=dt, param_dtype=pt)
+        self.quant_conv = Conv(2 * self.latent_channels, (1, 1), dtype=dt, param_dtype=pt)
         self.decoder = TemporalDecoder(self.out_channels, tuple(self.block_out_channels), self.layers_per_block,
                                        dtype=dt, param_dtype=pt)
 

@@ -1,0 +1,310 @@
+"""StableVideoDiffusionPipeline: image -> video, the whole generation as ONE jitted program.
+
+CLIP embedding, VAE encode, every denoising step (``lax.scan``) and the frame-chunked decode run inside a
+single ``jax.jit``-compiled function per static configuration (sizes, step count, CFG on/off, chunking,
+batch); a second call with the same configuration reuses the compiled program.
+
+Differences from diffusers (SPEC §1 e, k), both only for batches of more than one video:
+  * diffusers repeats image embeddings per image ([e0, e0, e1, e1]) but tiles image latents ([z0, z1, z0, z1])
+    when ``num_videos_per_prompt > 1``; here both are repeated per image, so every video is conditioned on
+    one image.
+  * diffusers decodes chunks of the flattened (videos x frames) axis, so a chunk can straddle two videos and
+    its temporal layers mix them; here chunks never leave a video.
+For one video (B = 1) the result equals diffusers' (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+
+from . import preprocessing as pre
+from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
+from .scheduler import EulerScheduler, scale_model_input, step
+from .weights import CheckpointError
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+COMPONENTS = ("unet", "vae", "image_encoder", "scheduler")
+
+
+@dataclasses.dataclass
+class StableVideoDiffusionPipelineOutput:
+    """frames: "pil": a list (per video) of lists of PIL images; "np": (B, F, H, W, 3) float32 in [0, 1];
+    "latent": the final latents (B, F, h, w, C) as a jax.Array."""
+
+    frames: Any
+
+
+def _resolve_root(path_or_repo, variant, revision, cache_dir, local_files_only) -> Path:
+    local = Path(path_or_repo).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json",
+                "feature_extractor/preprocessor_config.json", "*/*.safetensors.index*.json"]
+    patterns += [f"*/*.{variant}.safetensors", f"*/*.{variant}-*.safetensors"] if variant else \
+        ["*/model.safetensors", "*/diffusion_pytorch_model.safetensors", "*/*-of-*.safetensors"]
+    return Path(snapshot_download(str(path_or_repo), allow_patterns=patterns, revision=revision,
+                                  cache_dir=cache_dir, local_files_only=local_files_only))
+
+
+class StableVideoDiffusionPipeline:
+    """SVD / SVD-XT image-to-video in JAX. Build with :meth:`from_pretrained`; call with an image.
+
+    Attributes:
+      unet, vae, image_encoder: the Flax modules; scheduler: :class:`EulerScheduler`;
+      params: {"unet": ..., "vae": ..., "image_encoder": ...} parameter trees; dtype: compute dtype.
+    """
+
+    def __init__(self, unet: UNetSpatioTemporalConditionModel, vae: AutoencoderKLTemporalDecoder,
+                 image_encoder: CLIPVisionModelWithProjection, scheduler: EulerScheduler, params: dict,
+                 dtype=jnp.float32, image_mean=pre.CLIP_MEAN, image_std=pre.CLIP_STD):
+        self.unet, self.vae, self.image_encoder, self.scheduler = unet, vae, image_encoder, scheduler
+        self.params = params
+        self.dtype = dtype
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.vae_scale_factor = vae.downscale
+        self._jitted = jax.jit(self._generate, static_argnames=("config",))
+        self.trace_count = 0  # how many times the generation was traced (compiled); for tests and users
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype=jnp.float32, variant: Optional[str] = None,
+                        *, revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False):
+        """Load a diffusers-layout SVD folder or hub repo (model_index.json, unet/, vae/, image_encoder/,
+        scheduler/, feature_extractor/). ``variant="fp16"`` reads the fp16 files; weights are cast to ``dtype``."""
+        root = _resolve_root(path_or_repo_id, variant, revision, cache_dir, local_files_only)
+        index = root / "model_index.json"
+        if not index.is_file():
+            raise CheckpointError(f"{root}: no model_index.json; not a diffusers pipeline folder")
+        missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+        if missing:
+            raise CheckpointError(f"{root}: the pipeline folder is missing component folder(s) {missing}; "
+                                  f"an SVD pipeline needs {list(COMPONENTS)}")
+        kw = dict(variant=variant)
+        unet, up = UNetSpatioTemporalConditionModel.from_pretrained(root, "unet", dtype, **kw)
+        vae, vp = AutoencoderKLTemporalDecoder.from_pretrained(root, "vae", dtype, **kw)
+        enc, ep = CLIPVisionModelWithProjection.from_pretrained(root, "image_encoder", dtype, **kw)
+        scheduler = EulerScheduler.from_pretrained(root, subfolder="scheduler")
+        mean, std = pre.CLIP_MEAN, pre.CLIP_STD
+        fe = root / "feature_extractor" / "preprocessor_config.json"
+        if fe.is_file():
+            cfg = json.loads(fe.read_text())
+            mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
+        return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The pure, jitted generation
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _generate(self, params, clip_images, vae_images, image_noise, latents, sigmas, timesteps, guidance,
+                  time_ids, noise_aug_strength, *, config):
+        """clip_images (N, H0, W0, 3) in [0,1]; vae_images (N, H, W, 3) in [-1,1]; image_noise like vae_images;
+        latents (B, F, h, w, C) unit noise; sigmas (n+1,); timesteps (n,); guidance (F,); time_ids (3,).
+        Returns frames (B, F, H, W, 3) in [0, 1] (or the final latents when config.latent)."""
+        self.trace_count += 1
+        nvp, cfg, chunk, latent_out, progress = config
+        dt = self.dtype
+        b, f = latents.shape[:2]
+
+        # CLIP branch: anti-aliased resize at the original resolution, normalise, embed.
+        pixels = pre.clip_preprocess(clip_images, self.image_mean, self.image_std)
+        emb = self.image_encoder.apply({"params": params["image_encoder"]}, pixels.astype(dt)).image_embeds
+        emb = jnp.repeat(emb, nvp, axis=0)[:, None, :]  # (B, 1, D): videos of one image consecutive
+
+        # VAE branch: noise-augmented image -> posterior mean (unscaled), in fp32 when force_upcast.
+        vae, vparams = self.vae, params["vae"]
+        if vae.force_upcast and jnp.dtype(dt) != jnp.float32:
+            vae = vae.clone(dtype=jnp.float32)
+            vparams = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), vparams)
+        x = vae_images + noise_aug_strength * image_noise
+        z_img = vae.apply({"params": vparams}, x, method="encode").mode().astype(dt)
+        z_img = jnp.repeat(z_img, nvp, axis=0)  # consecutive too (diffusers tiles here: SPEC §1 e)
+
+        ids = jnp.broadcast_to(time_ids.astype(dt), (b, time_ids.shape[0]))
+        if cfg:  # negatives are zeros for both conditionings; [uncond; cond]
+            emb = jnp.concatenate([jnp.zeros_like(emb), emb])
+            z_img = jnp.concatenate([jnp.zeros_like(z_img), z_img])
+            ids = jnp.concatenate([ids, ids])
+        z_img = jnp.broadcast_to(z_img[:, None], (z_img.shape[0], f) + z_img.shape[1:])
+        g = guidance.astype(jnp.float32)[None, :, None, None, None]
+        uparams = params["unet"]
+        n_steps = timesteps.shape[0]
+
+        def denoise(lat, i):
+            sigma, sigma_next, t = sigmas[i], sigmas[i + 1], timesteps[i]
+            inp = jnp.concatenate([lat, lat]) if cfg else lat
+            inp = jnp.concatenate([scale_model_input(inp, sigma).astype(dt), z_img], axis=-1)
+            v = self.unet.apply({"params": uparams}, inp, t, emb, ids).sample.astype(jnp.float32)
+            if cfg:
+                v_u, v_c = jnp.split(v, 2)
+                v = v_u + g * (v_c - v_u)
+            lat = step(v, lat, sigma, sigma_next, self.scheduler.prediction_type)
+            if progress:
+                jax.debug.callback(_progress_tick, i, n_steps, ordered=True)
+            return lat, None
+
+        lat, _ = jax.lax.scan(denoise, latents.astype(jnp.float32), jnp.arange(n_steps))
+        if latent_out:
+            return lat
+        return self._decode(params["vae"], lat, chunk)
+
+    def _decode(self, vparams, lat, chunk):
+        """lat (B, F, h, w, C) -> frames (B, F, H, W, 3) in [0, 1], decoding at most ``chunk`` frames of ONE
+        video at a time (lax.map), so peak memory is set by the chunk, not by B*F."""
+        b, f = lat.shape[:2]
+        z = (lat / self.vae.scaling_factor).astype(self.dtype)
+        dec = lambda zc: self.vae.apply({"params": vparams}, zc, num_frames=zc.shape[0], method="decode")
+        n_full, rest = divmod(f, chunk)
+        parts = []
+        if n_full:
+            zc = z[:, : n_full * chunk].reshape((b * n_full, chunk) + z.shape[2:])
+            out = jax.lax.map(dec, zc)
+            parts.append(out.reshape((b, n_full * chunk) + out.shape[2:]))
+        if rest:
+            parts.append(jax.lax.map(dec, z[:, n_full * chunk:]))
+        frames = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        return jnp.clip(frames.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The user-facing call
+    # ----------------------------------------------------------------------------------------------------------
+
+    def __call__(self, image, height: int = 576, width: int = 1024, num_frames: Optional[int] = None,
+                 num_inference_steps: int = 25, sigmas: Optional[Sequence[float]] = None,
+                 min_guidance_scale: float = 1.0, max_guidance_scale: float = 3.0, fps: int = 7,
+                 motion_bucket_id: int = 127, noise_aug_strength: float = 0.02,
+                 decode_chunk_size: Optional[int] = None, num_videos_per_prompt: int = 1,
+                 seed: Optional[int] = None, rng: Optional[jax.Array] = None, latents=None,
+                 output_type: str = "pil", return_dict: bool = True, progress: bool = False):
+        """Generate videos from image(s).
+
+        Args:
+          image: a PIL image, a list of them (same size), or an array (N, H0, W0, 3) in [0, 1].
+          height, width: output size, multiples of 8 (576 x 1024 for SVD-XT).
+          num_frames: frames per video (default: the UNet config's num_frames).
+          num_inference_steps / sigmas: Euler steps, or explicit sigmas (terminal value included).
+          min_guidance_scale, max_guidance_scale: per-frame linear CFG scale; CFG off when max <= 1.
+          fps, motion_bucket_id, noise_aug_strength: micro-conditioning (the UNet sees fps - 1).
+          decode_chunk_size: frames decoded at once within a video (default: all frames of a video).
+          num_videos_per_prompt: videos per image (B = N * num_videos_per_prompt).
+          seed / rng: an int or a jax PRNG key; it is split into (image-noise key, latent key).
+          latents: (B, F, h, w, C) unit-variance noise (scaled by init_noise_sigma inside, as diffusers).
+          output_type: "pil", "np" or "latent". progress: show a progress bar over denoising steps.
+
+        Returns:
+          StableVideoDiffusionPipelineOutput(frames) (or frames when return_dict=False).
+        """
+        num_frames = self.unet.num_frames if num_frames is None else num_frames
+        decode_chunk_size = num_frames if decode_chunk_size is None else decode_chunk_size
+        self._check(height, width, num_frames, num_inference_steps, sigmas, decode_chunk_size,
+                    num_videos_per_prompt, output_type, motion_bucket_id)
+        clip_images, vae_images = self._prepare_images(image, height, width)
+        n = clip_images.shape[0]
+        b = n * num_videos_per_prompt
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        c = self.unet.in_channels // 2
+        if rng is None:
+            rng = jax.random.PRNGKey(0 if seed is None else seed)
+        k_img, k_lat = jax.random.split(rng)
+        image_noise = jax.random.normal(k_img, vae_images.shape, jnp.float32)
+        shape = (b, num_frames, h, w, c)
+        if latents is None:
+            latents = jax.random.normal(k_lat, shape, jnp.float32)
+        elif tuple(np.shape(latents)) != shape:
+            raise ValueError(f"latents must have shape {shape} (B, F, h, w, C); got {tuple(np.shape(latents))}")
+        schedule = self.scheduler.set_timesteps(num_inference_steps if sigmas is None else None, sigmas=sigmas)
+        latents = jnp.asarray(latents, jnp.float32) * schedule.init_noise_sigma
+        guidance = jnp.linspace(min_guidance_scale, max_guidance_scale, num_frames, dtype=jnp.float32)
+        time_ids = jnp.asarray([fps - 1, motion_bucket_id, noise_aug_strength], jnp.float32)
+        config = (num_videos_per_prompt, max_guidance_scale > 1, decode_chunk_size, output_type == "latent",
+                  bool(progress))
+        out = self._jitted(self.params, jnp.asarray(clip_images), jnp.asarray(vae_images), image_noise, latents,
+                           jnp.asarray(schedule.sigmas, jnp.float32), jnp.asarray(schedule.timesteps, jnp.float32),
+                           guidance, time_ids, jnp.float32(noise_aug_strength), config=config)
+        if progress:
+            _progress_close()
+        if output_type == "latent":
+            frames = out
+        else:
+            frames = np.asarray(out)
+            if output_type == "pil":
+                frames = [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in frames]
+        return StableVideoDiffusionPipelineOutput(frames) if return_dict else frames
+
+    def _check(self, height, width, num_frames, steps, sigmas, chunk, nvp, output_type, motion_bucket_id):
+        def pos_int(name, v):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer; got {v!r}")
+        for name, v in (("height", height), ("width", width)):
+            pos_int(name, v)
+            if v % self.vae_scale_factor:
+                raise ValueError(f"{name} must be a multiple of {self.vae_scale_factor}; got {v} "
+                                 f"(e.g. {v // self.vae_scale_factor * self.vae_scale_factor or self.vae_scale_factor})")
+        pos_int("num_frames", num_frames)
+        pos_int("decode_chunk_size", chunk)
+        pos_int("num_videos_per_prompt", nvp)
+        if sigmas is None:
+            pos_int("num_inference_steps", steps)
+        elif len(sigmas) < 2:
+            raise ValueError(f"sigmas must hold at least 2 values (the terminal one included); got {list(sigmas)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        if not 0 <= motion_bucket_id <= 255:
+            warnings.warn(f"motion_bucket_id={motion_bucket_id} is outside the trained range [0, 255]", stacklevel=3)
+
+    def _prepare_images(self, image, height, width):
+        """-> (clip_images (N, H0, W0, 3) float32 [0,1] at the original size, vae_images (N, H, W, 3) [-1,1])."""
+        if isinstance(image, PIL.Image.Image):
+            image = [image]
+        if isinstance(image, (list, tuple)):
+            if not image or not all(isinstance(i, PIL.Image.Image) for i in image):
+                raise ValueError("image must be a PIL image, a non-empty list of PIL images, or an array (N, H, W, 3)")
+            rgb = [pre.to_rgb(i) for i in image]
+            if len({i.size for i in rgb}) > 1:
+                raise ValueError(f"all images in a list must have the same size; got {[i.size for i in rgb]}")
+            clip = np.stack([pre.pil_to_float(i) for i in rgb])
+            vae = np.stack([pre.vae_preprocess_pil(i, height, width) for i in rgb])
+            return clip, vae
+        arr = np.asarray(image, np.float32)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"an image array must be (N, H, W, 3) in [0, 1]; got shape {arr.shape}")
+        if arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"an image array must hold values in [0, 1]; got [{arr.min():.3g}, {arr.max():.3g}]")
+        if arr.shape[1:3] == (height, width):
+            vae = arr * 2 - 1
+        else:  # same LANCZOS as the PIL path, on float channels
+            vae = np.stack([pre.resize_float_lanczos(a, height, width) for a in arr]) * 2 - 1
+        return arr, vae.astype(np.float32)
+
+
+_BAR = {}
+
+
+def _progress_tick(i, n):
+    """Host callback from inside the scan: advance a tqdm bar (created on the first step)."""
+    from tqdm.auto import tqdm
+
+    i, n = int(i), int(n)
+    if i == 0 or "bar" not in _BAR:
+        _progress_close()
+        _BAR["bar"] = tqdm(total=n, desc="denoising", unit="step")
+    _BAR["bar"].update(1)
+
+
+def _progress_close():
+    bar = _BAR.pop("bar", None)
+    if bar is not None:
+        bar.close()

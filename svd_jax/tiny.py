@@ -1,0 +1,93 @@
+"""A tiny random SVD checkpoint in the diffusers hub layout, made without torch (``svd-jax make-tiny DIR``).
+
+For smoke runs of the whole pipeline and CLI offline in seconds, for notebooks and docs on CPU. The weights
+are random (the videos are noise); the layout, configs and tensor names are the real ones, so diffusers can
+load the folder too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
+from .weights import params_to_torch_state
+
+TINY_UNET = dict(
+    _class_name="UNetSpatioTemporalConditionModel", sample_size=8, in_channels=8, out_channels=4,
+    block_out_channels=[32, 64],
+    down_block_types=["CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"],
+    up_block_types=["UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"],
+    num_attention_heads=[2, 4], cross_attention_dim=32, addition_time_embed_dim=4,
+    projection_class_embeddings_input_dim=12, layers_per_block=1, transformer_layers_per_block=1, num_frames=4)
+TINY_VAE = dict(
+    _class_name="AutoencoderKLTemporalDecoder", in_channels=3, out_channels=3,
+    block_out_channels=[32, 32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 4, layers_per_block=1,
+    latent_channels=4, sample_size=64, scaling_factor=0.18215, force_upcast=True)
+TINY_CLIP = dict(
+    architectures=["CLIPVisionModelWithProjection"], model_type="clip_vision_model", hidden_size=32,
+    intermediate_size=37, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, num_channels=3,
+    image_size=224, patch_size=32, hidden_act="gelu", layer_norm_eps=1e-5, attention_dropout=0.0,
+    initializer_factor=1.0, initializer_range=0.02, dropout=0.0)
+SVD_SCHEDULER_CONFIG = dict(
+    _class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000, prediction_type="v_prediction", interpolation_type="linear", use_karras_sigmas=True,
+    sigma_min=0.002, sigma_max=700.0, timestep_spacing="leading", timestep_type="continuous", steps_offset=1,
+    clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, trained_betas=None)
+CLIP_PROCESSOR_CONFIG = dict(
+    crop_size={"height": 224, "width": 224}, do_center_crop=True, do_convert_rgb=True, do_normalize=True,
+    do_rescale=True, do_resize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+    image_processor_type="CLIPImageProcessor", image_std=[0.26862954, 0.26130258, 0.27577711], resample=3,
+    rescale_factor=0.00392156862745098, size={"shortest_edge": 224})
+MODEL_INDEX = dict(
+    _class_name="StableVideoDiffusionPipeline", feature_extractor=["transformers", "CLIPImageProcessor"],
+    image_encoder=["transformers", "CLIPVisionModelWithProjection"],
+    scheduler=["diffusers", "EulerDiscreteScheduler"], unet=["diffusers", "UNetSpatioTemporalConditionModel"],
+    vae=["diffusers", "AutoencoderKLTemporalDecoder"])
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _random_params(module, seed: int):
+    """Random params with sensible scales; norm scales near (not at) 1, biases and mix factors off 0."""
+    from flax import traverse_util
+
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, leaf in traverse_util.flatten_dict(module.init_params_abstract()).items():
+        shape, n = leaf.shape, rng.standard_normal(leaf.shape)
+        if path[-1] == "kernel":
+            flat[path] = n / np.sqrt(np.prod(shape[:-1]))
+        elif path[-1] == "scale":
+            flat[path] = 1.0 + 0.1 * n
+        elif path[-1] in ("bias", "embedding"):
+            flat[path] = 0.05 * n
+        else:  # mix_factor, class_embedding
+            flat[path] = n
+    return traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in flat.items()})
+
+
+def make_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random SVD pipeline (model_index.json, unet/, vae/, image_encoder/, scheduler/,
+    feature_extractor/) to ``folder``; returns its path. Generation size: any multiple of 8 (e.g. 64 x 64)."""
+    from safetensors.numpy import save_file
+
+    root = Path(folder)
+    comps = (("unet", UNetSpatioTemporalConditionModel, TINY_UNET, "diffusion_pytorch_model.safetensors"),
+             ("vae", AutoencoderKLTemporalDecoder, TINY_VAE, "diffusion_pytorch_model.safetensors"),
+             ("image_encoder", CLIPVisionModelWithProjection, TINY_CLIP, "model.safetensors"))
+    for i, (name, cls, cfg, fname) in enumerate(comps):
+        module = cls.from_config(cfg)
+        params = _random_params(module, seed + i)
+        _write_json(root / name / "config.json", cfg)
+        save_file(params_to_torch_state(params), str(root / name / fname), metadata={"format": "pt"})
+    _write_json(root / "scheduler" / "scheduler_config.json", SVD_SCHEDULER_CONFIG)
+    _write_json(root / "feature_extractor" / "preprocessor_config.json", CLIP_PROCESSOR_CONFIG)
+    _write_json(root / "model_index.json", MODEL_INDEX)
+    return root

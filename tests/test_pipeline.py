@@ -1,0 +1,143 @@
+"""The whole generation equals diffusers' StableVideoDiffusionPipeline on the same tiny weights (fp32, CPU)."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion as ref_mod
+from svd_jax import StableVideoDiffusionPipeline
+from svd_jax.weights import CheckpointError
+from conftest import rel_err
+
+H, W, F = 32, 48, 3
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_pipeline):
+    ref, folder = tiny_pipeline
+    return ref, StableVideoDiffusionPipeline.from_pretrained(folder), folder
+
+
+def _image(seed=0, size=(70, 50), mode="RGB"):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return PIL.Image.fromarray(arr).convert(mode)
+
+
+def _reference(ref, image, seed, latents, **kw):
+    """Run diffusers with the image noise our pipeline draws from ``seed`` and the given unit latents."""
+    k_img, _ = jax.random.split(jax.random.PRNGKey(seed))
+    n = 1 if isinstance(image, PIL.Image.Image) else len(image)
+    noise = np.asarray(jax.random.normal(k_img, (n, H, W, 3), jnp.float32))
+    orig = ref_mod.randn_tensor
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        assert tuple(shape) == (n, 3, H, W), shape  # only the image noise is drawn (latents are given)
+        return torch.from_numpy(noise.transpose(0, 3, 1, 2).copy())
+
+    ref_mod.randn_tensor = fake_randn
+    try:
+        lat = torch.from_numpy(np.asarray(latents).transpose(0, 1, 4, 2, 3).copy())
+        with torch.no_grad():
+            return ref(image, height=H, width=W, num_frames=F, latents=lat, output_type="np", **kw).frames
+    finally:
+        ref_mod.randn_tensor = orig
+
+
+@pytest.mark.parametrize("kw", [
+    dict(num_inference_steps=3),  # defaults: CFG 1 -> 3, fps 7, motion 127, aug 0.02, one decode chunk
+    dict(num_inference_steps=2, min_guidance_scale=1.5, max_guidance_scale=2.5, fps=12, motion_bucket_id=30,
+         noise_aug_strength=0.3, decode_chunk_size=2),  # uneven chunks (2 + 1)
+    dict(num_inference_steps=2, max_guidance_scale=1.0),  # CFG off
+    dict(sigmas=[300.0, 20.0, 1.5, 0.0]),
+])
+def test_single_video_equals_diffusers(pipes, kw):
+    ref, pipe, _ = pipes
+    image = _image()
+    latents = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (1, F, H // 8, W // 8, 4)))
+    out = pipe(image, height=H, width=W, num_frames=F, seed=5, latents=latents, output_type="np", **kw).frames
+    expected = _reference(ref, image, 5, latents, **kw)
+    assert out.shape == expected.shape == (1, F, H, W, 3)
+    assert rel_err(out, expected) <= 1e-4
+
+
+def test_latent_output_and_no_recompile(pipes):
+    _, pipe, _ = pipes
+    image = _image(1)
+    a = pipe(image, height=H, width=W, num_frames=F, num_inference_steps=2, seed=0, output_type="latent").frames
+    assert isinstance(a, jax.Array) and a.shape == (1, F, H // 8, W // 8, 4)
+    count = pipe.trace_count
+    b = pipe(_image(2), height=H, width=W, num_frames=F, num_inference_steps=2, seed=1, fps=9,
+             motion_bucket_id=3, min_guidance_scale=1.2, output_type="latent").frames
+    assert pipe.trace_count == count  # same shapes and static options: the compiled program is reused
+    assert float(jnp.abs(a - b).max()) > 1e-3
+
+
+def test_batch_semantics(pipes):
+    """2 images x 2 videos each: videos of one image share its conditioning, and each video equals the
+    single-image run with the same latents (so decode chunks never mix videos)."""
+    _, pipe, _ = pipes
+    imgs = [_image(3), _image(4)]
+    lat = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (4, F, H // 8, W // 8, 4)))
+    kw = dict(height=H, width=W, num_frames=F, num_inference_steps=2, noise_aug_strength=0.0, output_type="np",
+              decode_chunk_size=2)
+    both = pipe(imgs, num_videos_per_prompt=2, latents=lat, **kw).frames
+    assert both.shape == (4, F, H, W, 3)
+    for v, img in enumerate([0, 0, 1, 1]):
+        single = pipe(imgs[img], latents=lat[v:v + 1], **kw).frames
+        np.testing.assert_allclose(both[v], single[0], rtol=0, atol=2e-5)
+
+
+def test_output_types(pipes):
+    _, pipe, _ = pipes
+    kw = dict(height=H, width=W, num_frames=F, num_inference_steps=1, seed=0)
+    pil = pipe(_image(5, mode="RGBA"), **kw).frames
+    arr = pipe(_image(5, mode="RGBA"), output_type="np", **kw).frames
+    assert len(pil) == 1 and len(pil[0]) == F and pil[0][0].size == (W, H) and pil[0][0].mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(pil[0][1]), (arr[0, 1] * 255).round().astype(np.uint8))
+    grey = pipe(_image(6, mode="L"), output_type="np", **kw).frames
+    assert grey.shape == (1, F, H, W, 3)
+    as_array = pipe(np.asarray(_image(5)).astype(np.float32)[None] / 255, output_type="np", **kw).frames
+    from_pil = pipe(_image(5), output_type="np", **kw).frames
+    assert as_array.shape == from_pil.shape
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(height=30), "height must be a multiple of 8"),
+    (dict(width=50), "width must be a multiple of 8"),
+    (dict(num_frames=0), "num_frames must be a positive integer"),
+    (dict(decode_chunk_size=0), "decode_chunk_size must be a positive integer"),
+    (dict(num_inference_steps=-1), "num_inference_steps must be a positive integer"),
+    (dict(output_type="pt"), "output_type must be one of"),
+    (dict(latents=np.zeros((1, 2, 4, 6, 4))), r"latents must have shape \(1, 3, 4, 6, 4\)"),
+])
+def test_bad_input(pipes, kw, msg):
+    _, pipe, _ = pipes
+    args = dict(height=H, width=W, num_frames=F, num_inference_steps=1)
+    args.update(kw)
+    count = pipe.trace_count
+    with pytest.raises(ValueError, match=msg):
+        pipe(_image(), **args)
+    assert pipe.trace_count == count  # rejected before any compile
+
+
+def test_motion_bucket_warning(pipes):
+    _, pipe, _ = pipes
+    with pytest.warns(UserWarning, match="outside the trained range"):
+        pipe(_image(), height=H, width=W, num_frames=F, num_inference_steps=1, motion_bucket_id=300,
+             output_type="latent")
+
+
+def test_missing_component(pipes, tmp_path):
+    import shutil
+
+    _, _, folder = pipes
+    shutil.copytree(folder, tmp_path / "p")
+    shutil.rmtree(tmp_path / "p" / "vae")
+    with pytest.raises(CheckpointError, match=r"missing component folder\(s\) \['vae'\]"):
+        StableVideoDiffusionPipeline.from_pretrained(tmp_path / "p")
