@@ -54,6 +54,7 @@ def _reference(ref, image, seed, latents, **kw):
     dict(num_inference_steps=2, min_guidance_scale=1.5, max_guidance_scale=2.5, fps=12, motion_bucket_id=30,
          noise_aug_strength=0.3, decode_chunk_size=2),  # uneven chunks (2 + 1)
     dict(num_inference_steps=2, max_guidance_scale=1.0),  # CFG off
+    dict(num_inference_steps=3, noise_aug_strength=0.0, decode_chunk_size=1),
     dict(sigmas=[300.0, 20.0, 1.5, 0.0]),
 ])
 def test_single_video_equals_diffusers(pipes, kw):
@@ -63,6 +64,7 @@ def test_single_video_equals_diffusers(pipes, kw):
     out = pipe(image, height=H, width=W, num_frames=F, seed=5, latents=latents, output_type="np", **kw).frames
     expected = _reference(ref, image, 5, latents, **kw)
     assert out.shape == expected.shape == (1, F, H, W, 3)
+    print(f"max abs diff vs diffusers {np.abs(out - expected).max():.2e} for {kw}")
     assert rel_err(out, expected) <= 1e-4
 
 
@@ -90,7 +92,9 @@ def test_batch_semantics(pipes):
     assert both.shape == (4, F, H, W, 3)
     for v, img in enumerate([0, 0, 1, 1]):
         single = pipe(imgs[img], latents=lat[v:v + 1], **kw).frames
-        np.testing.assert_allclose(both[v], single[0], rtol=0, atol=2e-5)
+        assert rel_err(both[v], single[0]) <= 1e-4  # fp32 rounding of other batch shapes only
+        other = pipe(imgs[1 - img], latents=lat[v:v + 1], **kw).frames
+        assert rel_err(both[v], other[0]) > 1e-2  # the conditioning image really differs
 
 
 def test_output_types(pipes):
@@ -141,3 +145,51 @@ def test_missing_component(pipes, tmp_path):
     shutil.rmtree(tmp_path / "p" / "vae")
     with pytest.raises(CheckpointError, match=r"missing component folder\(s\) \['vae'\]"):
         StableVideoDiffusionPipeline.from_pretrained(tmp_path / "p")
+
+
+def test_seed_determinism(pipes):
+    _, pipe, _ = pipes
+    kw = dict(height=H, width=W, num_frames=F, num_inference_steps=2, output_type="np")
+    a = pipe(_image(), seed=3, **kw).frames
+    b = pipe(_image(), seed=3, **kw).frames
+    c = pipe(_image(), seed=4, **kw).frames
+    d = pipe(_image(), rng=jax.random.PRNGKey(3), **kw).frames
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, d)
+    assert np.abs(a - c).max() > 1e-2
+
+
+def test_progress_bar(pipes, capsys):
+    _, pipe, _ = pipes
+    kw = dict(height=H, width=W, num_frames=F, num_inference_steps=3, output_type="latent", seed=0)
+    pipe(_image(), progress=True, **kw)
+    assert "3/3" in capsys.readouterr().err
+    pipe(_image(), **kw)
+    assert "denoising" not in capsys.readouterr().err
+
+
+def test_cli_generate_and_make_tiny(tmp_path):
+    """svd-jax make-tiny + generate offline: an mp4 that reads back with the right frame count and size,
+    and the tiny checkpoint is a real diffusers checkpoint."""
+    import imageio_ffmpeg
+    from diffusers import StableVideoDiffusionPipeline as RefPipeline
+
+    from svd_jax.cli import main
+
+    tiny = tmp_path / "tiny"
+    assert main(["make-tiny", str(tiny)]) == 0
+    RefPipeline.from_pretrained(tiny)  # diffusers loads it: names and layouts are the hub ones
+    img = tmp_path / "in.png"
+    _image(size=(90, 60)).save(img)
+    out = tmp_path / "out.mp4"
+    assert main(["generate", "--model", str(tiny), "--image", str(img), "--output", str(out), "--height", "64",
+                 "--width", "96", "--num-frames", "5", "--steps", "2", "--quiet"]) == 0
+    reader = imageio_ffmpeg.read_frames(str(out))
+    meta = next(reader)
+    frames = list(reader)
+    assert meta["size"] == (96, 64) and len(frames) == 5
+    gif = tmp_path / "out.gif"
+    assert main(["generate", "--model", str(tiny), "--image", str(img), "--output", str(gif), "--height", "64",
+                 "--width", "64", "--num-frames", "2", "--steps", "1", "--quiet"]) == 0
+    with PIL.Image.open(gif) as g:
+        assert g.n_frames == 2 and g.size == (64, 64)
