@@ -193,3 +193,19 @@ def test_cli_generate_and_make_tiny(tmp_path):
                  "--width", "64", "--num-frames", "2", "--steps", "1", "--quiet"]) == 0
     with PIL.Image.open(gif) as g:
         assert g.n_frames == 2 and g.size == (64, 64)
+
+
+def test_from_pretrained_hub_snapshot_offline(pipes, tmp_path):
+    """A repo id resolves through huggingface_hub's cache layout (snapshot folder), offline."""
+    import shutil
+
+    _, pipe, folder = pipes
+    sha = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = tmp_path / "models--svd-test--tiny-pipe"
+    shutil.copytree(folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    hub = StableVideoDiffusionPipeline.from_pretrained("svd-test/tiny-pipe", cache_dir=tmp_path, local_files_only=True)
+    for name in ("unet", "vae", "image_encoder"):
+        for a, b in zip(jax.tree_util.tree_leaves(hub.params[name]), jax.tree_util.tree_leaves(pipe.params[name])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

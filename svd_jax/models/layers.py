@@ -72,10 +72,11 @@ def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: 
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-# Below this many output pixels per image, a stride-1 conv runs as one matmul per kernel tap: XLA's CPU
-# convolution has a pathological path there (3x3, 1280 channels at 2x4: 2.6 s vs 60 ms as matmuls;
-# benchmarks/unet_vs_diffusers.py at latent 16x32 hits it at the lowest UNet level).
-SMALL_CONV_PIXELS = 16
+# Up to this many output pixels per image, a stride-1 conv runs as one matmul over the im2col'd taps: XLA's
+# CPU convolution is slow there and pathological at the smallest sizes (3x3, 1280 channels, 8 images: at 2x4
+# 1078 ms vs 12 ms as a matmul; at 4x8 69 vs 40 ms; from 8x16 on the conv is faster). The copy is 9x a tiny
+# input. benchmarks/unet_vs_diffusers.py at latent 16x32 hits this at the two lowest UNet levels.
+SMALL_CONV_PIXELS = 32
 
 
 class Conv(nn.Module):
@@ -104,10 +105,9 @@ class Conv(nn.Module):
         spatial_out = [(n + lo + hi - kk) // s + 1 for n, (lo, hi), kk, s in zip(x.shape[1:-1], pad, k, strides)]
         if all(s == 1 for s in strides) and np.prod(spatial_out) <= SMALL_CONV_PIXELS:
             xp = jnp.pad(x, ((0, 0),) + tuple(pad) + ((0, 0),))
-            y = 0
-            for tap in np.ndindex(*k):
-                window = xp[(slice(None),) + tuple(slice(t, t + n) for t, n in zip(tap, spatial_out))]
-                y = y + jnp.einsum("...c,cd->...d", window, kernel[tap])
+            cols = jnp.concatenate([xp[(slice(None),) + tuple(slice(t, t + n) for t, n in zip(tap, spatial_out))]
+                                    for tap in np.ndindex(*k)], axis=-1)  # taps in kernel order, then channels
+            y = jnp.einsum("...c,cd->...d", cols, kernel.reshape(-1, kernel.shape[-1]))
         else:
             dims = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[nd]
             y = jax.lax.conv_general_dilated(x, kernel, strides, pad, dimension_numbers=dims)
