@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
+from jax.sharding import Mesh, PartitionSpec as P
 
 from . import preprocessing as pre
 from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
 from .scheduler import EulerScheduler, scale_model_input, step
+from .sharding import Partitioner, pad_to_multiple, place
 from .weights import CheckpointError
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -69,7 +71,12 @@ class StableVideoDiffusionPipeline:
 
     def __init__(self, unet: UNetSpatioTemporalConditionModel, vae: AutoencoderKLTemporalDecoder,
                  image_encoder: CLIPVisionModelWithProjection, scheduler: EulerScheduler, params: dict,
-                 dtype=jnp.float32, image_mean=pre.CLIP_MEAN, image_std=pre.CLIP_STD):
+                 dtype=jnp.float32, image_mean=pre.CLIP_MEAN, image_std=pre.CLIP_STD,
+                 partitioner: Optional[Partitioner] = None):
+        if partitioner is not None:  # the models pin their block outputs to the mesh layout
+            unet = unet.clone(constrain=partitioner.constrain)
+            vae = vae.clone(constrain=partitioner.constrain)
+        self.partitioner = partitioner
         self.unet, self.vae, self.image_encoder, self.scheduler = unet, vae, image_encoder, scheduler
         self.params = params
         self.dtype = dtype
@@ -80,9 +87,15 @@ class StableVideoDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype=jnp.float32, variant: Optional[str] = None,
-                        *, revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False):
+                        *, mesh: Optional[Mesh] = None, fsdp: bool = False, revision: Optional[str] = None,
+                        cache_dir=None, local_files_only: bool = False):
         """Load a diffusers-layout SVD folder or hub repo (model_index.json, unet/, vae/, image_encoder/,
-        scheduler/, feature_extractor/). ``variant="fp16"`` reads the fp16 files; weights are cast to ``dtype``."""
+        scheduler/, feature_extractor/). ``variant="fp16"`` reads the fp16 files; weights are cast to ``dtype``.
+
+        ``mesh`` (``svd_jax.sharding.make_mesh()``): parameters are placed on the mesh as they load (each device
+        reads its own slice from the memory-mapped file; replicated, or split with ``fsdp=True``) and every call
+        runs sharded: videos over the mesh's ``data`` axis, frame height over ``space``.
+        """
         root = _resolve_root(path_or_repo_id, variant, revision, cache_dir, local_files_only)
         index = root / "model_index.json"
         if not index.is_file():
@@ -91,7 +104,8 @@ class StableVideoDiffusionPipeline:
         if missing:
             raise CheckpointError(f"{root}: the pipeline folder is missing component folder(s) {missing}; "
                                   f"an SVD pipeline needs {list(COMPONENTS)}")
-        kw = dict(variant=variant)
+        part = Partitioner(mesh, fsdp) if mesh is not None else None
+        kw = dict(variant=variant, param_sharding=part.param_sharding if part else None)
         unet, up = UNetSpatioTemporalConditionModel.from_pretrained(root, "unet", dtype, **kw)
         vae, vp = AutoencoderKLTemporalDecoder.from_pretrained(root, "vae", dtype, **kw)
         enc, ep = CLIPVisionModelWithProjection.from_pretrained(root, "image_encoder", dtype, **kw)
@@ -101,26 +115,28 @@ class StableVideoDiffusionPipeline:
         if fe.is_file():
             cfg = json.loads(fe.read_text())
             mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
-        return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std)
+        return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std, part)
 
     # ----------------------------------------------------------------------------------------------------------
     # The pure, jitted generation
     # ----------------------------------------------------------------------------------------------------------
 
-    def _generate(self, params, clip_images, vae_images, image_noise, latents, sigmas, timesteps, guidance,
-                  time_ids, noise_aug_strength, *, config):
+    def _generate(self, params, clip_images, vae_images, image_noise, latents, video_src, sigmas, timesteps,
+                  guidance, time_ids, noise_aug_strength, *, config):
         """clip_images (N, H0, W0, 3) in [0,1]; vae_images (N, H, W, 3) in [-1,1]; image_noise like vae_images;
-        latents (B, F, h, w, C) unit noise; sigmas (n+1,); timesteps (n,); guidance (F,); time_ids (3,).
+        latents (B, F, h, w, C) unit noise; video_src (B,) the image index of each video; sigmas (n+1,);
+        timesteps (n,); guidance (F,); time_ids (3,).
         Returns frames (B, F, H, W, 3) in [0, 1] (or the final latents when config.latent)."""
         self.trace_count += 1
-        nvp, cfg, chunk, latent_out, progress = config
+        cfg, chunk, latent_out, progress = config
+        pin = self._pin
         dt = self.dtype
         b, f = latents.shape[:2]
 
         # CLIP branch: anti-aliased resize at the original resolution, normalise, embed.
         pixels = pre.clip_preprocess(clip_images, self.image_mean, self.image_std)
         emb = self.image_encoder.apply({"params": params["image_encoder"]}, pixels.astype(dt)).image_embeds
-        emb = jnp.repeat(emb, nvp, axis=0)[:, None, :]  # (B, 1, D): videos of one image consecutive
+        emb = jnp.take(emb, video_src, axis=0)[:, None, :]  # (B, 1, D): each video its own image's embedding
 
         # VAE branch: noise-augmented image -> posterior mean (unscaled), in fp32 when force_upcast.
         vae, vparams = self.vae, params["vae"]
@@ -129,14 +145,14 @@ class StableVideoDiffusionPipeline:
             vparams = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), vparams)
         x = vae_images + noise_aug_strength * image_noise
         z_img = vae.apply({"params": vparams}, x, method="encode").mode().astype(dt)
-        z_img = jnp.repeat(z_img, nvp, axis=0)  # consecutive too (diffusers tiles here: SPEC §1 e)
+        z_img = jnp.take(z_img, video_src, axis=0)  # the same image as the embedding (diffusers tiles: SPEC §1 e)
 
         ids = jnp.broadcast_to(time_ids.astype(dt), (b, time_ids.shape[0]))
         if cfg:  # negatives are zeros for both conditionings; [uncond; cond]
             emb = jnp.concatenate([jnp.zeros_like(emb), emb])
             z_img = jnp.concatenate([jnp.zeros_like(z_img), z_img])
             ids = jnp.concatenate([ids, ids])
-        z_img = jnp.broadcast_to(z_img[:, None], (z_img.shape[0], f) + z_img.shape[1:])
+        z_img = pin(jnp.broadcast_to(z_img[:, None], (z_img.shape[0], f) + z_img.shape[1:]))
         g = guidance.astype(jnp.float32)[None, :, None, None, None]
         uparams = params["unet"]
         n_steps = timesteps.shape[0]
@@ -149,30 +165,49 @@ class StableVideoDiffusionPipeline:
             if cfg:
                 v_u, v_c = jnp.split(v, 2)
                 v = v_u + g * (v_c - v_u)
-            lat = step(v, lat, sigma, sigma_next, self.scheduler.prediction_type)
+            lat = pin(step(v, lat, sigma, sigma_next, self.scheduler.prediction_type))
             if progress:
                 jax.debug.callback(_progress_tick, i, n_steps, ordered=True)
             return lat, None
 
-        lat, _ = jax.lax.scan(denoise, latents.astype(jnp.float32), jnp.arange(n_steps))
+        lat, _ = jax.lax.scan(denoise, pin(latents.astype(jnp.float32)), jnp.arange(n_steps))
         if latent_out:
             return lat
         return self._decode(params["vae"], lat, chunk)
 
+    def _pin(self, x):
+        """Pin a (B, F, h, w, C) video tensor to the mesh layout (no-op without a mesh)."""
+        if self.partitioner is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, self.partitioner.sharding(self.partitioner.video_spec()))
+
     def _decode(self, vparams, lat, chunk):
-        """lat (B, F, h, w, C) -> frames (B, F, H, W, 3) in [0, 1], decoding at most ``chunk`` frames of ONE
-        video at a time (lax.map), so peak memory is set by the chunk, not by B*F."""
+        """lat (B, F, h, w, C) -> frames (B, F, H, W, 3) in [0, 1]. Decodes chunks of at most ``chunk``
+        consecutive frames of one video (lax.map), so peak memory is set by the chunk, not by B*F; with a mesh,
+        the ``data``-axis size d of videos is decoded side by side (one per device group)."""
         b, f = lat.shape[:2]
+        d = self.partitioner.data_size if self.partitioner is not None else 1
         z = (lat / self.vae.scaling_factor).astype(self.dtype)
-        dec = lambda zc: self.vae.apply({"params": vparams}, zc, num_frames=zc.shape[0], method="decode")
+
+        def dec(zc):  # (d, c, h, w, C): d videos' chunks side by side -> (d, c, H, W, 3)
+            out = self.vae.apply({"params": vparams}, zc.reshape((-1,) + zc.shape[2:]), num_frames=zc.shape[1],
+                                 method="decode")
+            return out.reshape(zc.shape[:2] + out.shape[1:])
+
+        def run(zs, c):  # zs (B, n, c, h, w, C) -> (B, n*c, H, W, 3): map over (video groups x chunks)
+            n = zs.shape[1]
+            zs = zs.reshape((b // d, d, n, c) + zs.shape[3:]).transpose((0, 2, 1, 3) + tuple(range(4, zs.ndim + 1)))
+            out = jax.lax.map(dec, zs.reshape((-1, d, c) + zs.shape[4:]))  # each step (d, c, h, w, C)
+            out = out.reshape((b // d, n, d, c) + out.shape[3:])
+            out = out.transpose((0, 2, 1, 3) + tuple(range(4, out.ndim)))
+            return out.reshape((b, n * c) + out.shape[4:])
+
         n_full, rest = divmod(f, chunk)
         parts = []
         if n_full:
-            zc = z[:, : n_full * chunk].reshape((b * n_full, chunk) + z.shape[2:])
-            out = jax.lax.map(dec, zc)
-            parts.append(out.reshape((b, n_full * chunk) + out.shape[2:]))
+            parts.append(run(z[:, : n_full * chunk].reshape((b, n_full, chunk) + z.shape[2:]), chunk))
         if rest:
-            parts.append(jax.lax.map(dec, z[:, n_full * chunk:]))
+            parts.append(run(z[:, n_full * chunk:][:, None], rest))
         frames = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         return jnp.clip(frames.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -212,6 +247,10 @@ class StableVideoDiffusionPipeline:
         clip_images, vae_images = self._prepare_images(image, height, width)
         n = clip_images.shape[0]
         b = n * num_videos_per_prompt
+        d = self.partitioner.data_size if self.partitioner is not None else 1
+        bp = pad_to_multiple(b, d)  # videos padded to the data axis (repeats of the last), cropped after
+        video_src = np.minimum(np.repeat(np.arange(n), num_videos_per_prompt), n - 1)
+        video_src = np.concatenate([video_src, np.full(bp - b, n - 1)]).astype(np.int32)
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         c = self.unet.in_channels // 2
         if rng is None:
@@ -224,20 +263,31 @@ class StableVideoDiffusionPipeline:
         elif tuple(np.shape(latents)) != shape:
             raise ValueError(f"latents must have shape {shape} (B, F, h, w, C); got {tuple(np.shape(latents))}")
         schedule = self.scheduler.set_timesteps(num_inference_steps if sigmas is None else None, sigmas=sigmas)
-        latents = jnp.asarray(latents, jnp.float32) * schedule.init_noise_sigma
+        latents = np.asarray(latents, np.float32) * np.float32(schedule.init_noise_sigma)
+        if bp > b:
+            latents = np.concatenate([latents, np.zeros((bp - b,) + shape[1:], np.float32)])
         guidance = jnp.linspace(min_guidance_scale, max_guidance_scale, num_frames, dtype=jnp.float32)
         time_ids = jnp.asarray([fps - 1, motion_bucket_id, noise_aug_strength], jnp.float32)
-        config = (num_videos_per_prompt, max_guidance_scale > 1, decode_chunk_size, output_type == "latent",
-                  bool(progress))
-        out = self._jitted(self.params, jnp.asarray(clip_images), jnp.asarray(vae_images), image_noise, latents,
-                           jnp.asarray(schedule.sigmas, jnp.float32), jnp.asarray(schedule.timesteps, jnp.float32),
-                           guidance, time_ids, jnp.float32(noise_aug_strength), config=config)
+        config = (max_guidance_scale > 1, decode_chunk_size, output_type == "latent", bool(progress))
+        args = [np.asarray(clip_images, np.float32), np.asarray(vae_images, np.float32), np.asarray(image_noise),
+                latents, video_src, np.asarray(schedule.sigmas, np.float32),
+                np.asarray(schedule.timesteps, np.float32), np.asarray(guidance), np.asarray(time_ids),
+                np.float32(noise_aug_strength)]
+        if self.partitioner is not None:  # global arrays: every process passes the same inputs
+            part = self.partitioner
+            specs = [P()] * len(args)
+            specs[3] = part.video_spec()
+            args = [place(lambda idx, a=a: a[idx], np.shape(a), np.asarray(a).dtype, part.sharding(sp))
+                    for a, sp in zip(args, specs)]
+        out = self._jitted(self.params, *args, config=config)
         if progress:
             _progress_close()
+        if bp > b:
+            out = out[:b]
         if output_type == "latent":
             frames = out
         else:
-            frames = np.asarray(out)
+            frames = _to_host(out)
             if output_type == "pil":
                 frames = [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in frames]
         return StableVideoDiffusionPipelineOutput(frames) if return_dict else frames
@@ -288,6 +338,15 @@ class StableVideoDiffusionPipeline:
         else:  # same LANCZOS as the PIL path, on float channels
             vae = np.stack([pre.resize_float_lanczos(a, height, width) for a in arr]) * 2 - 1
         return arr, vae.astype(np.float32)
+
+
+def _to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) jax.Array as a numpy array on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 _BAR = {}

@@ -421,6 +421,7 @@ def load_params(
     ignore: Sequence[str] = (),
     what: str = "checkpoint",
     to_device: bool = True,
+    sharding_fn: Callable[[tuple[int, ...]], Any] | None = None,
 ) -> dict:
     """Fill a Flax parameter tree from PyTorch-named tensors, strictly, casting to ``dtype``.
 
@@ -429,6 +430,9 @@ def load_params(
       tensors: ``{pytorch_name: numpy array}`` (memory-mapped is fine: each tensor is read once).
       dtype: the parameter dtype to cast to.
       to_device: return ``jax.Array``s (default) or numpy arrays.
+      sharding_fn: shape -> ``jax.sharding.Sharding``: place each parameter on a mesh as it loads, every device
+        reading only its own slice of the (memory-mapped, lazily transposed) tensor; nothing is staged whole
+        on one device.
     """
     plan = plan_conversion(
         flatten_shapes(abstract_params), {k: v.shape for k, v in tensors.items()}, ignore=ignore, what=what
@@ -436,7 +440,12 @@ def load_params(
     np_dtype = np.dtype(jnp.dtype(dtype))
     flat = {}
     for name, (path, t) in plan.entries.items():
-        arr = np.ascontiguousarray(t.fn(tensors[name])).astype(np_dtype, copy=False)
+        view = t.fn(tensors[name])  # a transposed view of the memory map: no copy yet
+        if sharding_fn is not None:
+            flat[path] = jax.make_array_from_callback(
+                view.shape, sharding_fn(view.shape), lambda idx, v=view: np.ascontiguousarray(v[idx], np_dtype))
+            continue
+        arr = np.ascontiguousarray(view).astype(np_dtype, copy=False)
         flat[path] = jnp.asarray(arr) if to_device else arr
     return traverse_util.unflatten_dict(flat)
 
@@ -474,6 +483,7 @@ class PretrainedMixin:
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
+        param_sharding: Callable[[tuple[int, ...]], Any] | None = None,
     ):
         """Build the module from ``config.json`` and fill its parameters from the safetensors weights.
 
@@ -482,6 +492,7 @@ class PretrainedMixin:
           subfolder: component folder inside it (``unet``, ``vae``, ``image_encoder``).
           dtype: compute and parameter dtype; weights are cast to it as they load (fp16 -> bf16 etc.).
           variant: ``"fp16"`` to read ``*.fp16.safetensors``.
+          param_sharding: shape -> Sharding, to place each parameter on a device mesh as it loads.
 
         Returns:
           ``(module, params)`` where ``module.apply({"params": params}, ...)`` runs the network.
@@ -498,7 +509,7 @@ class PretrainedMixin:
         tensors = read_checkpoint(files.weights)
         params = load_params(
             module.init_params_abstract(), tensors, dtype, ignore=cls._ignore_keys,
-            what=f"{cls.__name__} weights in {files.source}",
+            what=f"{cls.__name__} weights in {files.source}", sharding_fn=param_sharding,
         )
         return module, params
 

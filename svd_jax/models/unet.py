@@ -215,6 +215,7 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
     num_frames: int = 25
     forward_chunk_size: Optional[int] = None
     forward_chunk_dim: int = 0
+    constrain: Optional[Any] = None  # hook (N, h, w, C) -> same, called at block boundaries (sharding.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -296,16 +297,19 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
         ehs = jnp.repeat(encoder_hidden_states.astype(dt), f, axis=0)
         ind = jnp.zeros((b, f), dt)
 
-        x = conv(ch0, (3, 3), "conv_in", dt, pt)(x)
+        c = self.constrain or (lambda a: a)
+        x = c(conv(ch0, (3, 3), "conv_in", dt, pt)(x))
         skips = [x]
         opts = dict(chunk_size=self.forward_chunk_size, chunk_dim=self.forward_chunk_dim, dtype=dt, param_dtype=pt)
         for i, kind in enumerate(self.down_block_types):
             eps = 1e-6 if kind.startswith("CrossAttn") else 1e-5  # diffusers ignores the resnet_eps it passes
             x, outs = _Block(kind, self.block_out_channels[i], layers[i], _per_layer(tlayers[i], layers[i]), heads[i],
                              eps, i < n - 1, **opts, name=f"down_blocks_{i}")(x, emb, ehs, ind)
-            skips += outs
+            x = c(x)
+            skips += [c(o) for o in outs]
         x = _Block("mid", self.block_out_channels[-1], 1, _per_layer(tlayers[-1], 1), heads[-1], 1e-5, False,
                    **opts, name="mid_block")(x, emb, ehs, ind)
+        x = c(x)
 
         # Up-samplers get the skip's size when the latent is not divisible by 2^(levels-1) (odd sizes).
         up_factor = 2 ** (n - 1)
@@ -319,6 +323,7 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
             size = skips[-1].shape[1:3] if (forward_size and i < n - 1) else None
             x = _Block(kind, r_ch[i], nl, _per_layer(r_tl[i], nl), r_heads[i], 1e-6, i < n - 1, **opts,
                        name=f"up_blocks_{i}")(x, emb, ehs, ind, skips=block_skips, upsample_size=size)
+            x = c(x)
 
         x = nn.silu(GroupNorm(32, 1e-5, dt, pt, name="conv_norm_out")(x))
         x = conv(self.out_channels, (3, 3), "conv_out", dt, pt)(x)

@@ -8,7 +8,7 @@ frames) mixed by a learned AlphaBlender in the decoder's direction, and ends wit
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -200,6 +200,7 @@ class TemporalDecoder(nn.Module):
     out_channels: int = 3
     block_out_channels: Sequence[int] = (128, 256, 512, 512)
     layers_per_block: int = 2
+    constrain: Optional[Any] = None  # hook (N, h, w, C) -> same, called at block boundaries (sharding.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -208,11 +209,13 @@ class TemporalDecoder(nn.Module):
         dt, pt = self.dtype, self.param_dtype
         ind = jnp.zeros((z.shape[0] // num_frames, num_frames), dt)  # image_only_indicator; "learned" ignores it
         top = self.block_out_channels[-1]
-        h = conv(top, (3, 3), "conv_in", dt, pt)(z)
-        h = MidBlockTemporalDecoder(top, self.layers_per_block, dt, pt, name="mid_block")(h, ind)
+        c = self.constrain or (lambda a: a)
+        h = c(conv(top, (3, 3), "conv_in", dt, pt)(z))
+        h = c(MidBlockTemporalDecoder(top, self.layers_per_block, dt, pt, name="mid_block")(h, ind))
         n = len(self.block_out_channels)
         for i, ch in enumerate(reversed(self.block_out_channels)):
             h = UpBlockTemporalDecoder(ch, self.layers_per_block + 1, i < n - 1, dt, pt, name=f"up_blocks_{i}")(h, ind)
+            h = c(h)
         h = nn.silu(GroupNorm(32, 1e-6, dt, pt, name="conv_norm_out")(h))
         h = conv(self.out_channels, (3, 3), "conv_out", dt, pt)(h)
         v = h.reshape((-1, num_frames) + h.shape[1:])  # (B, F, H, W, C): per-pixel conv over frames
@@ -240,6 +243,7 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
     sample_size: int = 32
     scaling_factor: float = 0.18215
     force_upcast: bool = True
+    constrain: Optional[Any] = None  # sharding hook for the decoder's activations (sharding.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -278,7 +282,7 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
                                self.layers_per_block, dtype=dt, param_dtype=pt)
         self.quant_conv = Conv(2 * self.latent_channels, (1, 1), dtype=dt, param_dtype=pt)
         self.decoder = TemporalDecoder(self.out_channels, tuple(self.block_out_channels), self.layers_per_block,
-                                       dtype=dt, param_dtype=pt)
+                                       self.constrain, dtype=dt, param_dtype=pt)
 
     def encode(self, x) -> DiagonalGaussian:
         """x (N, H, W, in_channels) in [-1, 1] -> posterior with mean/logvar (N, H/8, W/8, latent_channels)."""

@@ -1,0 +1,48 @@
+"""Sharded generation on 8 CPU devices (subprocess, forced device count) equals the one-device run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from svd_jax.sharding import Partitioner, make_mesh
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_pipeline):
+    _, folder = tiny_pipeline
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = ""  # the script adds the forced device count
+    proc = subprocess.run([sys.executable, str(HERE / "sharded_run.py"), str(folder)], capture_output=True,
+                          text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", ["1x8", "2x4"])
+@pytest.mark.parametrize("case,videos", [("batch4", 4), ("single", 1), ("odd3", 3)])
+def test_sharded_equals_single_device(sharded, mesh, case, videos):
+    r = sharded[mesh]
+    print(mesh, case, r[f"{case}_max_abs_diff"])
+    assert r[f"{case}_shape"][0] == videos  # padded batches are cropped back
+    assert r[f"{case}_max_abs_diff"] <= 1e-3
+    assert r[f"{case}_latent_devices"] == 8 and not r[f"{case}_latent_replicated"]  # really spread
+    assert r["params_on_devices"] == 8
+
+
+def test_make_mesh_and_rules():
+    mesh = make_mesh()
+    assert mesh.axis_names == ("data", "space") and mesh.size == len(jax.devices())
+    with pytest.raises(ValueError, match="must use all"):
+        make_mesh(data=len(jax.devices()) + 1, space=1)
+    part = Partitioner(make_mesh(), fsdp=True)
+    n = part.size
+    assert part.param_spec((3, 5 * n))[1] == ("data", "space")  # the divisible dimension is split
+    assert Partitioner(make_mesh()).param_spec((4 * n, 4 * n)) == jax.sharding.PartitionSpec()
