@@ -38,9 +38,13 @@ def main():
         leaf = jax.tree_util.tree_leaves(pipe.params["unet"])[0]
         r = {"params_on_devices": len(leaf.sharding.device_set)}
         for k, c in cases.items():
+            if k == "odd3" and data == 1:
+                continue  # padding only happens when the data axis does not divide the batch
             frames = pipe(output_type="np", **c, **kw).frames
             r[f"{k}_max_abs_diff"] = float(np.abs(frames - ref[k]).max())
             r[f"{k}_shape"] = list(frames.shape)
+            if k == "odd3":
+                continue
             lat = pipe(output_type="latent", **c, **kw).frames
             r[f"{k}_latent_devices"] = len(lat.sharding.device_set)
             r[f"{k}_latent_replicated"] = bool(lat.sharding.is_fully_replicated)

@@ -110,7 +110,7 @@ def test_single_token_fast_path_equals_attention():
 
 def test_bad_inputs(tiny_unet):
     _, module, params, _ = tiny_unet
-    x, ehs, ids = _inputs(0, 2, 3, 8, 8, 1)
+    x, ehs, ids = _inputs(0, 2, 3, 8, 4, 1)  # h, w != channels, so a channels-first tensor has another shape
     v = {"params": params}
     with pytest.raises(ValueError, match=r"\(B, F, h, w, 8\).*channels-first"):
         module.apply(v, np.transpose(x, (0, 1, 4, 2, 3)), 1.0, ehs, ids)
