@@ -27,12 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
-from jax.sharding import Mesh, PartitionSpec as P
 
 from . import preprocessing as pre
 from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
 from .scheduler import EulerScheduler, scale_model_input, step
-from .sharding import Partitioner, pad_to_multiple, place
 from .weights import CheckpointError
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -71,12 +69,7 @@ class StableVideoDiffusionPipeline:
 
     def __init__(self, unet: UNetSpatioTemporalConditionModel, vae: AutoencoderKLTemporalDecoder,
                  image_encoder: CLIPVisionModelWithProjection, scheduler: EulerScheduler, params: dict,
-                 dtype=jnp.float32, image_mean=pre.CLIP_MEAN, image_std=pre.CLIP_STD,
-                 partitioner: Optional[Partitioner] = None):
-        if partitioner is not None:  # the models pin their block outputs to the mesh layout
-            unet = unet.clone(constrain=partitioner.constrain)
-            vae = vae.clone(constrain=partitioner.constrain)
-        self.partitioner = partitioner
+                 dtype=jnp.float32, image_mean=pre.CLIP_MEAN, image_std=pre.CLIP_STD):
         self.unet, self.vae, self.image_encoder, self.scheduler = unet, vae, image_encoder, scheduler
         self.params = params
         self.dtype = dtype
@@ -87,14 +80,9 @@ class StableVideoDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype=jnp.float32, variant: Optional[str] = None,
-                        *, mesh: Optional[Mesh] = None, fsdp: bool = False, revision: Optional[str] = None,
-                        cache_dir=None, local_files_only: bool = False):
+                        *, revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False):
         """Load a diffusers-layout SVD folder or hub repo (model_index.json, unet/, vae/, image_encoder/,
         scheduler/, feature_extractor/). ``variant="fp16"`` reads the fp16 files; weights are cast to ``dtype``.
-
-        ``mesh`` (``svd_jax.sharding.make_mesh()``): parameters are placed on the mesh as they load (each device
-        reads its own slice from the memory-mapped file; replicated, or split with ``fsdp=True``) and every call
-        runs sharded: videos over the mesh's ``data`` axis, frame height over ``space``.
         """
         root = _resolve_root(path_or_repo_id, variant, revision, cache_dir, local_files_only)
         index = root / "model_index.json"
@@ -104,8 +92,7 @@ class StableVideoDiffusionPipeline:
         if missing:
             raise CheckpointError(f"{root}: the pipeline folder is missing component folder(s) {missing}; "
                                   f"an SVD pipeline needs {list(COMPONENTS)}")
-        part = Partitioner(mesh, fsdp) if mesh is not None else None
-        kw = dict(variant=variant, param_sharding=part.param_sharding if part else None)
+        kw = dict(variant=variant)
         unet, up = UNetSpatioTemporalConditionModel.from_pretrained(root, "unet", dtype, **kw)
         vae, vp = AutoencoderKLTemporalDecoder.from_pretrained(root, "vae", dtype, **kw)
         enc, ep = CLIPVisionModelWithProjection.from_pretrained(root, "image_encoder", dtype, **kw)
@@ -115,7 +102,7 @@ class StableVideoDiffusionPipeline:
         if fe.is_file():
             cfg = json.loads(fe.read_text())
             mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
-        return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std, part)
+        return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std)
 
     # ----------------------------------------------------------------------------------------------------------
     # The pure, jitted generation
@@ -129,7 +116,6 @@ class StableVideoDiffusionPipeline:
         Returns frames (B, F, H, W, 3) in [0, 1] (or the final latents when config.latent)."""
         self.trace_count += 1
         cfg, chunk, latent_out, progress = config
-        pin = self._pin
         dt = self.dtype
         b, f = latents.shape[:2]
 
@@ -152,7 +138,7 @@ class StableVideoDiffusionPipeline:
             emb = jnp.concatenate([jnp.zeros_like(emb), emb])
             z_img = jnp.concatenate([jnp.zeros_like(z_img), z_img])
             ids = jnp.concatenate([ids, ids])
-        z_img = pin(jnp.broadcast_to(z_img[:, None], (z_img.shape[0], f) + z_img.shape[1:]))
+        z_img = jnp.broadcast_to(z_img[:, None], (z_img.shape[0], f) + z_img.shape[1:])
         g = guidance.astype(jnp.float32)[None, :, None, None, None]
         uparams = params["unet"]
         n_steps = timesteps.shape[0]
@@ -165,28 +151,22 @@ class StableVideoDiffusionPipeline:
             if cfg:
                 v_u, v_c = jnp.split(v, 2)
                 v = v_u + g * (v_c - v_u)
-            lat = pin(step(v, lat, sigma, sigma_next, self.scheduler.prediction_type))
+            lat = step(v, lat, sigma, sigma_next, self.scheduler.prediction_type)
             if progress:
                 jax.debug.callback(_progress_tick, i, n_steps, ordered=True)
             return lat, None
 
-        lat, _ = jax.lax.scan(denoise, pin(latents.astype(jnp.float32)), jnp.arange(n_steps))
+        lat, _ = jax.lax.scan(denoise, latents.astype(jnp.float32), jnp.arange(n_steps))
         if latent_out:
             return lat
         return self._decode(params["vae"], lat, chunk)
 
-    def _pin(self, x):
-        """Pin a (B, F, h, w, C) video tensor to the mesh layout (no-op without a mesh)."""
-        if self.partitioner is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, self.partitioner.sharding(self.partitioner.video_spec()))
-
     def _decode(self, vparams, lat, chunk):
         """lat (B, F, h, w, C) -> frames (B, F, H, W, 3) in [0, 1]. Decodes chunks of at most ``chunk``
-        consecutive frames of one video (lax.map), so peak memory is set by the chunk, not by B*F; with a mesh,
-        the ``data``-axis size d of videos is decoded side by side (one per device group)."""
+        consecutive frames of one video (lax.map), so peak memory is set by the chunk, not by B*F.
+        ``d`` videos' chunks decode side by side per step (d = 1; the hook for data-parallel decoding)."""
         b, f = lat.shape[:2]
-        d = self.partitioner.data_size if self.partitioner is not None else 1
+        d = 1
         z = (lat / self.vae.scaling_factor).astype(self.dtype)
 
         def dec(zc):  # (d, c, h, w, C): d videos' chunks side by side -> (d, c, H, W, 3)
@@ -247,8 +227,8 @@ class StableVideoDiffusionPipeline:
         clip_images, vae_images = self._prepare_images(image, height, width)
         n = clip_images.shape[0]
         b = n * num_videos_per_prompt
-        d = self.partitioner.data_size if self.partitioner is not None else 1
-        bp = pad_to_multiple(b, d)  # videos padded to the data axis (repeats of the last), cropped after
+        cfg = max_guidance_scale > 1
+        bp = b  # videos in the program (more where a batch must be padded; cropped after)
         video_src = np.minimum(np.repeat(np.arange(n), num_videos_per_prompt), n - 1)
         video_src = np.concatenate([video_src, np.full(bp - b, n - 1)]).astype(np.int32)
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
@@ -268,17 +248,11 @@ class StableVideoDiffusionPipeline:
             latents = np.concatenate([latents, np.zeros((bp - b,) + shape[1:], np.float32)])
         guidance = jnp.linspace(min_guidance_scale, max_guidance_scale, num_frames, dtype=jnp.float32)
         time_ids = jnp.asarray([fps - 1, motion_bucket_id, noise_aug_strength], jnp.float32)
-        config = (max_guidance_scale > 1, decode_chunk_size, output_type == "latent", bool(progress))
+        config = (cfg, decode_chunk_size, output_type == "latent", bool(progress))
         args = [np.asarray(clip_images, np.float32), np.asarray(vae_images, np.float32), np.asarray(image_noise),
                 latents, video_src, np.asarray(schedule.sigmas, np.float32),
                 np.asarray(schedule.timesteps, np.float32), np.asarray(guidance), np.asarray(time_ids),
                 np.float32(noise_aug_strength)]
-        if self.partitioner is not None:  # global arrays: every process passes the same inputs
-            part = self.partitioner
-            specs = [P()] * len(args)
-            specs[3] = part.video_spec()
-            args = [place(lambda idx, a=a: a[idx], np.shape(a), np.asarray(a).dtype, part.sharding(sp))
-                    for a, sp in zip(args, specs)]
         out = self._jitted(self.params, *args, config=config)
         if progress:
             _progress_close()

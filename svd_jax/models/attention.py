@@ -17,21 +17,21 @@ def dot_product_attention(q, k, v, *, scale: float | None = None, implementation
     """softmax(q kᵀ · scale) v per head, logits and softmax in float32.
 
     Args:
-      q: (N, Sq, heads, head_dim).
-      k: (N, Sk, heads, head_dim).
-      v: (N, Sk, heads, head_dim_v).
+      q: (..., Sq, heads, head_dim), any leading batch dims.
+      k: (..., Sk, heads, head_dim).
+      v: (..., Sk, heads, head_dim_v).
       scale: defaults to head_dim ** -0.5 (PyTorch SDPA's default).
       implementation: one of ``IMPLEMENTATIONS``.
 
     Returns:
-      (N, Sq, heads, head_dim_v) in q's dtype.
+      (..., Sq, heads, head_dim_v) in q's dtype.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be (N, S, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
+    if q.ndim < 3 or not q.ndim == k.ndim == v.ndim:
+        raise ValueError(f"q, k, v must be (..., S, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) * scale
     weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("nhqk,nkhd->nqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("...hqk,...khd->...qhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)

@@ -40,9 +40,12 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         xf = x.astype(jnp.float32)
-        xg = xf.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
-        mean = xg.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
+        # Only the channel axis is split into groups: merging the spatial axes would merge a device-split axis
+        # into another one, which XLA's partitioner can only do by gathering.
+        xg = xf.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+        mean = xg.mean(axis=axes, keepdims=True)
+        var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
         y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
@@ -128,7 +131,8 @@ class Attention(nn.Module):
     Params: ``to_q``, ``to_k``, ``to_v`` (bias if ``bias``), ``to_out_0`` (always biased), optional
     ``group_norm`` applied to the query input before projection, optional residual (added after to_out).
 
-    Call: x (N, S, query_dim), context (N, Sk, cross_dim) or None for self-attention -> (N, S, query_dim).
+    Call: x (..., S, query_dim), context (..., Sk, cross_dim) or None for self-attention -> (..., S, query_dim);
+    any leading batch dims (kept apart, so a sharded axis need not be merged into another).
     """
 
     heads: int
@@ -153,16 +157,16 @@ class Attention(nn.Module):
         to_k = dense(inner, "to_k", self.dtype, self.param_dtype, self.bias)
         to_v = dense(inner, "to_v", self.dtype, self.param_dtype, self.bias)
         to_out = dense(residual.shape[-1], "to_out_0", self.dtype, self.param_dtype, self.out_bias)
-        if self.single_token_fast_path and ctx.shape[1] == 1:
+        if self.single_token_fast_path and ctx.shape[-2] == 1:
             # Softmax over a single key is exactly 1: the output is to_out(to_v(c)) for every query.
             if self.is_initializing():
                 to_q(x), to_k(ctx)
             out = to_out(to_v(ctx))
-            out = jnp.broadcast_to(out, x.shape[:2] + out.shape[2:])
+            out = jnp.broadcast_to(out, x.shape[:-1] + out.shape[-1:])
         else:
-            split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.dim_head))
+            split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.dim_head))
             out = dot_product_attention(split(to_q(x)), split(to_k(ctx)), split(to_v(ctx)))
-            out = to_out(out.reshape(out.shape[:2] + (inner,)))
+            out = to_out(out.reshape(out.shape[:-2] + (inner,)))
         if self.residual_connection:
             out = out + residual
         return out

@@ -69,9 +69,10 @@ class BasicTransformerBlock(nn.Module):
 
 
 class TemporalBasicTransformerBlock(nn.Module):
-    """Temporal block: each pixel's F frames are one sequence. x (B*F, S, C), context (B*S, Sc, Dc) -> (B*F, S, C).
+    """Temporal block: each pixel's F frames are one sequence. x (B*F, S, C), context (B, S, Sc, Dc) -> (B*F, S, C).
 
-    Forward chunking (diffusers always uses the frame axis here) slices ff_in/ff along frames.
+    Works on (B, S, F, C) without merging B and S (diffusers' (B*S, F, C)): a token axis split over devices
+    stays a separate axis. Forward chunking (diffusers always uses the frame axis here) slices ff_in/ff along F.
     """
 
     heads: int
@@ -85,14 +86,14 @@ class TemporalBasicTransformerBlock(nn.Module):
     def __call__(self, x, context):
         dt, pt, f = self.dtype, self.param_dtype, self.num_frames
         bf, s, c = x.shape
-        h = x.reshape(bf // f, f, s, c).transpose(0, 2, 1, 3).reshape(-1, f, c)  # (B*S, F, C)
-        ff = lambda name: FeedForward(chunk_size=self.chunk_size, chunk_dim=1, dtype=dt, param_dtype=pt, name=name)
+        h = x.reshape(bf // f, f, s, c).transpose(0, 2, 1, 3)  # (B, S, F, C)
+        ff = lambda name: FeedForward(chunk_size=self.chunk_size, chunk_dim=2, dtype=dt, param_dtype=pt, name=name)
         attn = lambda name: Attention(self.heads, self.dim_head, dtype=dt, param_dtype=pt, name=name)
         h = ff("ff_in")(LayerNorm(1e-5, dt, pt, name="norm_in")(h)) + h
         h = attn("attn1")(LayerNorm(1e-5, dt, pt, name="norm1")(h)) + h
         h = attn("attn2")(LayerNorm(1e-5, dt, pt, name="norm2")(h), context) + h
         h = ff("ff")(LayerNorm(1e-5, dt, pt, name="norm3")(h)) + h
-        return h.reshape(bf // f, s, f, c).transpose(0, 2, 1, 3).reshape(bf, s, c)
+        return h.transpose(0, 2, 1, 3).reshape(bf, s, c)
 
 
 class TransformerSpatioTemporalModel(nn.Module):
@@ -112,9 +113,9 @@ class TransformerSpatioTemporalModel(nn.Module):
         b, f = image_only_indicator.shape
         bf, hh, ww, c = x.shape
         inner = self.heads * self.dim_head
-        # Temporal cross-attention context: frame 0's encoder states, one copy per pixel (b-major).
+        # Temporal cross-attention context: frame 0's encoder states, one copy per pixel: (B, h*w, Sc, Dc).
         ctx0 = ehs.reshape((b, f) + ehs.shape[1:])[:, 0]
-        time_context = jnp.broadcast_to(ctx0[:, None], (b, hh * ww) + ctx0.shape[1:]).reshape((-1,) + ctx0.shape[1:])
+        time_context = jnp.broadcast_to(ctx0[:, None], (b, hh * ww) + ctx0.shape[1:])
         residual = x
         h = GroupNorm(32, 1e-6, dt, pt, name="norm")(x).reshape(bf, hh * ww, c)
         h = dense(inner, "proj_in", dt, pt)(h)
