@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -162,32 +161,18 @@ class StableVideoDiffusionPipeline:
         return self._decode(params["vae"], lat, chunk)
 
     def _decode(self, vparams, lat, chunk):
-        """lat (B, F, h, w, C) -> frames (B, F, H, W, 3) in [0, 1]. Decodes chunks of at most ``chunk``
-        consecutive frames of one video (lax.map), so peak memory is set by the chunk, not by B*F.
-        ``d`` videos' chunks decode side by side per step (d = 1; the hook for data-parallel decoding)."""
+        """lat (B, F, h, w, C) -> frames (B, F, H, W, 3) in [0, 1], decoding at most ``chunk`` consecutive frames
+        of ONE video at a time (lax.map), so peak memory is set by the chunk, not by B*F."""
         b, f = lat.shape[:2]
-        d = 1
         z = (lat / self.vae.scaling_factor).astype(self.dtype)
-
-        def dec(zc):  # (d, c, h, w, C): d videos' chunks side by side -> (d, c, H, W, 3)
-            out = self.vae.apply({"params": vparams}, zc.reshape((-1,) + zc.shape[2:]), num_frames=zc.shape[1],
-                                 method="decode")
-            return out.reshape(zc.shape[:2] + out.shape[1:])
-
-        def run(zs, c):  # zs (B, n, c, h, w, C) -> (B, n*c, H, W, 3): map over (video groups x chunks)
-            n = zs.shape[1]
-            zs = zs.reshape((b // d, d, n, c) + zs.shape[3:]).transpose((0, 2, 1, 3) + tuple(range(4, zs.ndim + 1)))
-            out = jax.lax.map(dec, zs.reshape((-1, d, c) + zs.shape[4:]))  # each step (d, c, h, w, C)
-            out = out.reshape((b // d, n, d, c) + out.shape[3:])
-            out = out.transpose((0, 2, 1, 3) + tuple(range(4, out.ndim)))
-            return out.reshape((b, n * c) + out.shape[4:])
-
+        dec = lambda zc: self.vae.apply({"params": vparams}, zc, num_frames=zc.shape[0], method="decode")
         n_full, rest = divmod(f, chunk)
         parts = []
         if n_full:
-            parts.append(run(z[:, : n_full * chunk].reshape((b, n_full, chunk) + z.shape[2:]), chunk))
+            out = jax.lax.map(dec, z[:, : n_full * chunk].reshape((b * n_full, chunk) + z.shape[2:]))
+            parts.append(out.reshape((b, n_full * chunk) + out.shape[2:]))
         if rest:
-            parts.append(run(z[:, n_full * chunk:][:, None], rest))
+            parts.append(jax.lax.map(dec, z[:, n_full * chunk:]))
         frames = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         return jnp.clip(frames.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -228,9 +213,7 @@ class StableVideoDiffusionPipeline:
         n = clip_images.shape[0]
         b = n * num_videos_per_prompt
         cfg = max_guidance_scale > 1
-        bp = b  # videos in the program (more where a batch must be padded; cropped after)
-        video_src = np.minimum(np.repeat(np.arange(n), num_videos_per_prompt), n - 1)
-        video_src = np.concatenate([video_src, np.full(bp - b, n - 1)]).astype(np.int32)
+        video_src = np.repeat(np.arange(n, dtype=np.int32), num_videos_per_prompt)  # each video's image
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         c = self.unet.in_channels // 2
         if rng is None:
@@ -244,8 +227,6 @@ class StableVideoDiffusionPipeline:
             raise ValueError(f"latents must have shape {shape} (B, F, h, w, C); got {tuple(np.shape(latents))}")
         schedule = self.scheduler.set_timesteps(num_inference_steps if sigmas is None else None, sigmas=sigmas)
         latents = np.asarray(latents, np.float32) * np.float32(schedule.init_noise_sigma)
-        if bp > b:
-            latents = np.concatenate([latents, np.zeros((bp - b,) + shape[1:], np.float32)])
         guidance = jnp.linspace(min_guidance_scale, max_guidance_scale, num_frames, dtype=jnp.float32)
         time_ids = jnp.asarray([fps - 1, motion_bucket_id, noise_aug_strength], jnp.float32)
         config = (cfg, decode_chunk_size, output_type == "latent", bool(progress))
@@ -256,12 +237,10 @@ class StableVideoDiffusionPipeline:
         out = self._jitted(self.params, *args, config=config)
         if progress:
             _progress_close()
-        if bp > b:
-            out = out[:b]
         if output_type == "latent":
             frames = out
         else:
-            frames = _to_host(out)
+            frames = np.asarray(out)
             if output_type == "pil":
                 frames = [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in frames]
         return StableVideoDiffusionPipelineOutput(frames) if return_dict else frames
@@ -312,15 +291,6 @@ class StableVideoDiffusionPipeline:
         else:  # same LANCZOS as the PIL path, on float channels
             vae = np.stack([pre.resize_float_lanczos(a, height, width) for a in arr]) * 2 - 1
         return arr, vae.astype(np.float32)
-
-
-def _to_host(x) -> np.ndarray:
-    """A (possibly multi-host sharded) jax.Array as a numpy array on every process."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 _BAR = {}

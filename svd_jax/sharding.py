@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -126,11 +126,3 @@ class Partitioner:
 
     def param_sharding(self, shape: Sequence[int]) -> NamedSharding:
         return self.sharding(self.param_spec(shape))
-
-
-def place(array_fn, shape, dtype, sharding: NamedSharding):
-    """Build a global jax.Array of ``shape`` on ``sharding`` from ``array_fn(index) -> numpy slice``, so each
-    device (of this process) receives only its own slice, read straight from the source."""
-    return jax.make_array_from_callback(tuple(shape), sharding, lambda idx: np.asarray(array_fn(idx), dtype))
-
-

@@ -1,6 +1,5 @@
 """The whole generation equals diffusers' StableVideoDiffusionPipeline on the same tiny weights (fp32, CPU)."""
 
-import warnings
 
 import jax
 import jax.numpy as jnp
