@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
+from jax.sharding import Mesh, PartitionSpec as P
 
 from . import preprocessing as pre
 from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
 from .scheduler import EulerScheduler, scale_model_input, step
+from .sharding import Partitioner
 from .weights import CheckpointError
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -68,7 +70,12 @@ class StableVideoDiffusionPipeline:
 
     def __init__(self, unet: UNetSpatioTemporalConditionModel, vae: AutoencoderKLTemporalDecoder,
                  image_encoder: CLIPVisionModelWithProjection, scheduler: EulerScheduler, params: dict,
-                 dtype=jnp.float32, image_mean=pre.CLIP_MEAN, image_std=pre.CLIP_STD):
+                 dtype=jnp.float32, image_mean=pre.CLIP_MEAN, image_std=pre.CLIP_STD,
+                 partitioner: Optional[Partitioner] = None):
+        if partitioner is not None:  # the models pin their block outputs to the mesh layout
+            unet = unet.clone(constrain=partitioner.constrain)
+            vae = vae.clone(constrain=partitioner.constrain)
+        self.partitioner = partitioner
         self.unet, self.vae, self.image_encoder, self.scheduler = unet, vae, image_encoder, scheduler
         self.params = params
         self.dtype = dtype
@@ -79,9 +86,15 @@ class StableVideoDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype=jnp.float32, variant: Optional[str] = None,
-                        *, revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False):
+                        *, mesh: Optional[Mesh] = None, fsdp: bool = False, revision: Optional[str] = None,
+                        cache_dir=None, local_files_only: bool = False):
         """Load a diffusers-layout SVD folder or hub repo (model_index.json, unet/, vae/, image_encoder/,
         scheduler/, feature_extractor/). ``variant="fp16"`` reads the fp16 files; weights are cast to ``dtype``.
+
+        ``mesh`` (:func:`svd_jax.sharding.make_mesh`): parameters are placed on the mesh as they load (each
+        device reads its own slice from the memory-mapped file: replicated, or split over all devices with
+        ``fsdp=True``) and every call runs sharded (videos and CFG halves over ``data``, frame height over
+        ``space``). Without a mesh everything runs on the default device.
         """
         root = _resolve_root(path_or_repo_id, variant, revision, cache_dir, local_files_only)
         index = root / "model_index.json"
@@ -91,7 +104,8 @@ class StableVideoDiffusionPipeline:
         if missing:
             raise CheckpointError(f"{root}: the pipeline folder is missing component folder(s) {missing}; "
                                   f"an SVD pipeline needs {list(COMPONENTS)}")
-        kw = dict(variant=variant)
+        part = Partitioner(mesh, fsdp) if mesh is not None else None
+        kw = dict(variant=variant, param_sharding=part.param_sharding if part is not None else None)
         unet, up = UNetSpatioTemporalConditionModel.from_pretrained(root, "unet", dtype, **kw)
         vae, vp = AutoencoderKLTemporalDecoder.from_pretrained(root, "vae", dtype, **kw)
         enc, ep = CLIPVisionModelWithProjection.from_pretrained(root, "image_encoder", dtype, **kw)
@@ -101,7 +115,7 @@ class StableVideoDiffusionPipeline:
         if fe.is_file():
             cfg = json.loads(fe.read_text())
             mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
-        return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std)
+        return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std, part)
 
     # ----------------------------------------------------------------------------------------------------------
     # The pure, jitted generation
@@ -114,6 +128,15 @@ class StableVideoDiffusionPipeline:
         timesteps (n,); guidance (F,); time_ids (3,).
         Returns frames (B, F, H, W, 3) in [0, 1] (or the final latents when config.latent)."""
         self.trace_count += 1
+        if self.partitioner is not None:
+            with self.partitioner.tracing():
+                return self._generate_body(params, clip_images, vae_images, image_noise, latents, video_src, sigmas,
+                                           timesteps, guidance, time_ids, noise_aug_strength, config)
+        return self._generate_body(params, clip_images, vae_images, image_noise, latents, video_src, sigmas,
+                                   timesteps, guidance, time_ids, noise_aug_strength, config)
+
+    def _generate_body(self, params, clip_images, vae_images, image_noise, latents, video_src, sigmas, timesteps,
+                       guidance, time_ids, noise_aug_strength, config):
         cfg, chunk, latent_out, progress = config
         dt = self.dtype
         b, f = latents.shape[:2]
@@ -137,7 +160,7 @@ class StableVideoDiffusionPipeline:
             emb = jnp.concatenate([jnp.zeros_like(emb), emb])
             z_img = jnp.concatenate([jnp.zeros_like(z_img), z_img])
             ids = jnp.concatenate([ids, ids])
-        z_img = jnp.broadcast_to(z_img[:, None], (z_img.shape[0], f) + z_img.shape[1:])
+        z_img = self._pin(jnp.broadcast_to(z_img[:, None], (z_img.shape[0], f) + z_img.shape[1:]))
         g = guidance.astype(jnp.float32)[None, :, None, None, None]
         uparams = params["unet"]
         n_steps = timesteps.shape[0]
@@ -150,31 +173,54 @@ class StableVideoDiffusionPipeline:
             if cfg:
                 v_u, v_c = jnp.split(v, 2)
                 v = v_u + g * (v_c - v_u)
-            lat = step(v, lat, sigma, sigma_next, self.scheduler.prediction_type)
+            lat = self._pin(step(v, lat, sigma, sigma_next, self.scheduler.prediction_type))
             if progress:
                 jax.debug.callback(_progress_tick, i, n_steps, ordered=True)
             return lat, None
 
-        lat, _ = jax.lax.scan(denoise, latents.astype(jnp.float32), jnp.arange(n_steps))
+        lat, _ = jax.lax.scan(denoise, self._pin(latents.astype(jnp.float32)), jnp.arange(n_steps))
         if latent_out:
             return lat
         return self._decode(params["vae"], lat, chunk)
 
+    def _pin(self, x):
+        """Pin a (B, F, h, w, C) video tensor to the mesh's video layout (no-op without a mesh)."""
+        return x if self.partitioner is None else self.partitioner.pin(x, self.partitioner.video_spec())
+
     def _decode(self, vparams, lat, chunk):
         """lat (B, F, h, w, C) -> frames (B, F, H, W, 3) in [0, 1], decoding at most ``chunk`` consecutive frames
-        of ONE video at a time (lax.map), so peak memory is set by the chunk, not by B*F."""
+        of one video at a time (lax.map), so peak memory is set by the chunk, not by B*F. With a mesh whose data
+        axis (size d) divides B, d videos' chunks decode side by side, one per device group."""
         b, f = lat.shape[:2]
+        d = 1 if self.partitioner is None else self.partitioner.data_size
+        d = d if b % d == 0 else 1
         z = (lat / self.vae.scaling_factor).astype(self.dtype)
-        dec = lambda zc: self.vae.apply({"params": vparams}, zc, num_frames=zc.shape[0], method="decode")
+
+        def dec(zc):  # (d, c, h, w, C) -> (d, c, H, W, 3): d videos' chunks of c frames
+            out = self.vae.apply({"params": vparams}, zc.reshape((-1,) + zc.shape[2:]), num_frames=zc.shape[1],
+                                 method="decode")
+            return out.reshape(zc.shape[:2] + out.shape[1:])
+
         n_full, rest = divmod(f, chunk)
         parts = []
         if n_full:
-            out = jax.lax.map(dec, z[:, : n_full * chunk].reshape((b * n_full, chunk) + z.shape[2:]))
-            parts.append(out.reshape((b, n_full * chunk) + out.shape[2:]))
+            parts.append(self._decode_chunks(dec, z[:, : n_full * chunk], n_full, chunk, d))
         if rest:
-            parts.append(jax.lax.map(dec, z[:, n_full * chunk:]))
+            parts.append(self._decode_chunks(dec, z[:, n_full * chunk:], 1, rest, d))
         frames = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         return jnp.clip(frames.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+    @staticmethod
+    def _decode_chunks(dec, z, n, c, d):
+        """z (B, n*c, h, w, C) -> dec over (B//d * n) map steps of (d, c, h, w, C) -> (B, n*c, H, W, 3).
+        Video v = i * (B // d) + j sits in data group i, so each step's d chunks are one per group."""
+        b = z.shape[0]
+        zs = z.reshape((d, b // d, n, c) + z.shape[2:])
+        zs = jnp.moveaxis(zs, 0, 2).reshape((-1, d, c) + z.shape[2:])  # step (j, k): videos i*(B//d)+j, chunk k
+        out = jax.lax.map(dec, zs)  # (B//d * n, d, c, H, W, 3)
+        out = out.reshape((b // d, n, d, c) + out.shape[3:])
+        out = jnp.moveaxis(out, 2, 0)  # (d, B//d, n, c, ...)
+        return out.reshape((b, n * c) + out.shape[4:])
 
     # ----------------------------------------------------------------------------------------------------------
     # The user-facing call
@@ -227,6 +273,10 @@ class StableVideoDiffusionPipeline:
             raise ValueError(f"latents must have shape {shape} (B, F, h, w, C); got {tuple(np.shape(latents))}")
         schedule = self.scheduler.set_timesteps(num_inference_steps if sigmas is None else None, sigmas=sigmas)
         latents = np.asarray(latents, np.float32) * np.float32(schedule.init_noise_sigma)
+        bp = self._padded_batch(b, cfg)
+        if bp > b:  # videos padded to split evenly over the mesh's data axis (copies of the last); cropped after
+            video_src = np.concatenate([video_src, np.full(bp - b, video_src[-1], np.int32)])
+            latents = np.concatenate([latents, np.repeat(latents[-1:], bp - b, axis=0)])
         guidance = jnp.linspace(min_guidance_scale, max_guidance_scale, num_frames, dtype=jnp.float32)
         time_ids = jnp.asarray([fps - 1, motion_bucket_id, noise_aug_strength], jnp.float32)
         config = (cfg, decode_chunk_size, output_type == "latent", bool(progress))
@@ -234,16 +284,42 @@ class StableVideoDiffusionPipeline:
                 latents, video_src, np.asarray(schedule.sigmas, np.float32),
                 np.asarray(schedule.timesteps, np.float32), np.asarray(guidance), np.asarray(time_ids),
                 np.float32(noise_aug_strength)]
+        if self.partitioner is not None:
+            args = self._place_inputs(args)
         out = self._jitted(self.params, *args, config=config)
         if progress:
             _progress_close()
+        if bp > b:
+            out = out[:b]
         if output_type == "latent":
             frames = out
         else:
-            frames = np.asarray(out)
+            frames = _to_host(out)
             if output_type == "pil":
                 frames = [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in frames]
         return StableVideoDiffusionPipelineOutput(frames) if return_dict else frames
+
+    def _padded_batch(self, b: int, cfg: bool) -> int:
+        """The number of videos in the program: b, or with a mesh the fewest >= b whose UNet batch (x2 with CFG)
+        the data axis divides."""
+        d = 1 if self.partitioner is None else self.partitioner.data_size
+        per = 2 if cfg else 1
+        bp = b
+        while (bp * per) % d:
+            bp += 1
+        return bp
+
+    def _place_inputs(self, args):
+        """Host inputs -> global jax.Arrays on the mesh (latents split as the video layout where the mesh
+        divides them, the rest replicated); each device gets its slice. Every process passes the same inputs."""
+        part = self.partitioner
+        placed = []
+        for i, a in enumerate(args):
+            a = np.asarray(a)
+            spec = part.video_spec() if i == 3 else P()
+            sharding = part.input_sharding(spec, a.shape)
+            placed.append(jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]))
+        return placed
 
     def _check(self, height, width, num_frames, steps, sigmas, chunk, nvp, output_type, motion_bucket_id):
         def pos_int(name, v):
@@ -291,6 +367,15 @@ class StableVideoDiffusionPipeline:
         else:  # same LANCZOS as the PIL path, on float channels
             vae = np.stack([pre.resize_float_lanczos(a, height, width) for a in arr]) * 2 - 1
         return arr, vae.astype(np.float32)
+
+
+def _to_host(x) -> np.ndarray:
+    """A jax.Array (possibly sharded over several processes) as one numpy array on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 _BAR = {}

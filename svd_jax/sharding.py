@@ -9,7 +9,6 @@ Mesh axes (:func:`make_mesh`):
     space=4 give 6.7x less compute per device with 6.1 GB of collectives per step; frames give 7.1x with
     24.7 GB; height alone (data=1) 4.6x with 13 GB.
 
-Status: the models' hooks and the parameter placement are tested; the pipeline does not take a mesh yet.
 
 The models call a ``constrain(x)`` hook on (N, h, w, C) activations at block boundaries (N = videos x frames,
 b-major); :class:`Partitioner` provides it as ``with_sharding_constraint`` with these rules, and XLA inserts
@@ -98,10 +97,30 @@ class Partitioner:
                 return False
         return True
 
+    def fit(self, spec: P, shape: Sequence[int]) -> P:
+        """``spec`` with every dimension the mesh does not divide evenly left unsplit (replicated)."""
+        out = []
+        for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+            names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+            out.append(axes if dim % math.prod(self.mesh.shape[a] for a in names) == 0 else None)
+        return P(*out)
+
     def pin(self, x, spec: P):
-        """with_sharding_constraint(x, spec) where the mesh divides x evenly; otherwise x is left to XLA.
-        (Uneven constraints gave wrong results with this jaxlib on CPU: see the sharding tests.)"""
-        return jax.lax.with_sharding_constraint(x, self.sharding(spec)) if self.divides(spec, x.shape) else x
+        """with_sharding_constraint(x, spec), with the dimensions the mesh does not divide left unsplit.
+        Every activation gets an explicit, even layout: XLA's own choices for uneven splits (padded shards)
+        gave wrong results with this jaxlib on CPU."""
+        return jax.lax.with_sharding_constraint(x, self.sharding(self.fit(spec, x.shape)))
+
+    def replicate(self, x):
+        """Pin ``x`` replicated on every device (used for convolution kernels, see :meth:`tracing`)."""
+        return jax.lax.with_sharding_constraint(x, self.sharding(P()))
+
+    def tracing(self):
+        """Context to trace sharded model calls in: every convolution kernel is pinned replicated at its use
+        (gathered there when FSDP-split), which XLA needs to partition convolutions correctly (models/layers.py)."""
+        from .models.layers import kernel_hook
+
+        return kernel_hook(self.replicate)
 
     def constrain(self, x):
         """The models' block-boundary hook: pin (N, h, w, C) activations to :meth:`frames_spec`."""

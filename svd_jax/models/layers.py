@@ -8,7 +8,9 @@ Submodule names mirror the diffusers attribute names so that the weight converte
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+import contextvars
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -81,6 +83,22 @@ def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: 
 # input. benchmarks/unet_vs_diffusers.py at latent 16x32 hits this at the two lowest UNet levels.
 SMALL_CONV_PIXELS = 32
 
+# Set while a sharded program is traced (svd_jax.sharding.Partitioner.tracing): applied to every convolution
+# kernel right before use. Pinning kernels (to replicated) keeps XLA's Shardy partitioner from splitting a
+# kernel's spatial taps along with a device-split image axis, which computed wrong convolutions when the split
+# was uneven (jax 0.10, CPU: a 3-tap kernel over 8 devices).
+_KERNEL_HOOK: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar("svd_jax_kernel_hook", default=None)
+
+
+@contextlib.contextmanager
+def kernel_hook(fn: Optional[Callable]):
+    """Within the context, convolution kernels pass through ``fn(kernel) -> kernel`` before use."""
+    token = _KERNEL_HOOK.set(fn)
+    try:
+        yield
+    finally:
+        _KERNEL_HOOK.reset(token)
+
 
 class Conv(nn.Module):
     """torch.nn.Conv2d/Conv3d on channels-last input, params ``kernel`` (*k, in, out) and ``bias`` like nn.Conv.
@@ -104,6 +122,9 @@ class Conv(nn.Module):
         pad = self.padding if self.padding is not None else tuple((kk // 2, kk // 2) for kk in k)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), k + (x.shape[-1], self.features),
                             self.param_dtype).astype(self.dtype)
+        hook = _KERNEL_HOOK.get()
+        if hook is not None:
+            kernel = hook(kernel)
         x = x.astype(self.dtype)
         spatial_out = [(n + lo + hi - kk) // s + 1 for n, (lo, hi), kk, s in zip(x.shape[1:-1], pad, k, strides)]
         if all(s == 1 for s in strides) and np.prod(spatial_out) <= SMALL_CONV_PIXELS:

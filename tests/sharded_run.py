@@ -1,0 +1,57 @@
+"""Run by test_sharding.py in a subprocess with 8 forced CPU devices: sharded generation vs one device.
+
+    python tests/sharded_run.py PIPELINE_FOLDER   -> prints one JSON line of measurements
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+
+from svd_jax import StableVideoDiffusionPipeline  # noqa: E402
+from svd_jax.sharding import make_mesh  # noqa: E402
+
+
+def image(seed):
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+
+
+def main():
+    folder = sys.argv[1]
+    assert len(jax.devices()) == 8, jax.devices()
+    kw = dict(height=64, width=48, num_frames=3, num_inference_steps=2, decode_chunk_size=2, seed=0)
+    cases = {"batch4": dict(image=[image(1), image(2)], num_videos_per_prompt=2),  # CFG: UNet batch 8
+             "single": dict(image=image(3)),  # CFG: UNet batch 2
+             "single_nocfg": dict(image=image(3), max_guidance_scale=1.0),  # UNet batch 1
+             "odd3_nocfg": dict(image=image(4), num_videos_per_prompt=3, max_guidance_scale=1.0)}  # padded
+    ref_pipe = StableVideoDiffusionPipeline.from_pretrained(folder)
+    ref = {k: ref_pipe(output_type="np", **c, **kw).frames for k, c in cases.items()}
+    result = {}
+    for data, space in [(1, 8), (2, 4)]:
+        pipe = StableVideoDiffusionPipeline.from_pretrained(folder, mesh=make_mesh(data=data, space=space))
+        leaf = jax.tree_util.tree_leaves(pipe.params["unet"])[0]
+        r = {"params_on_devices": len(leaf.sharding.device_set)}
+        for k, c in cases.items():
+            if k == ("odd3_nocfg" if data == 1 else "single_nocfg"):
+                continue  # padding happens only on the data axis; the unpadded no-CFG case once is enough
+            frames = pipe(output_type="np", **c, **kw).frames
+            r[f"{k}_max_abs_diff"] = float(np.abs(frames - ref[k]).max())
+            r[f"{k}_shape"] = list(frames.shape)
+            if k not in ("batch4", "single"):
+                continue
+            lat = pipe(output_type="latent", **c, **kw).frames
+            r[f"{k}_latent_devices"] = len(lat.sharding.device_set)
+            r[f"{k}_latent_replicated"] = bool(lat.sharding.is_fully_replicated)
+            r[f"{k}_latent_spec"] = str(lat.sharding.spec)
+        result[f"{data}x{space}"] = r
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
