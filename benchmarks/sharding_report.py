@@ -47,8 +47,9 @@ def collective_bytes(hlo: str) -> dict[str, float]:
     return out
 
 
-def analyse(fn, args, in_shardings, out_sharding):
-    compiled = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_sharding).lower(*args).compile()
+def analyse(part, fn, args, in_shardings, out_sharding):
+    with part.tracing():
+        compiled = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_sharding).lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
@@ -64,9 +65,9 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--chunk", type=int, default=8, help="VAE decode chunk (frames per video)")
     ap.add_argument("--meshes", default="1,2,4,8")
-    ap.add_argument("--split", default="height,frames", help="intra-video splits to compare for one video")
+    ap.add_argument("--split", default="height+frames,height,frames", help="intra-video splits to compare for one video")
     ap.add_argument("--cases", default="8,1", help="batch sizes (videos)")
-    ap.add_argument("--cfg-data", default="height", help="splits for which one video also runs with the CFG halves "
+    ap.add_argument("--cfg-data", default="height+frames", help="splits for which one video also runs with the CFG halves "
                     "on a data axis of 2 (mesh 2 x n/2)")
     args = ap.parse_args()
     dt = getattr(jnp, args.dtype)
@@ -103,13 +104,13 @@ def main():
                          jax.ShapeDtypeStruct((b2, 1, 1024), dt), jax.ShapeDtypeStruct((b2, 3), dt))
             step = lambda p, x, t, e, i: unet.apply({"params": p}, part.constrain(x.reshape((-1,) + x.shape[2:]))
                                                     .reshape(x.shape), t, e, i).sample
-            uf, um, uc = analyse(step, step_args,
+            uf, um, uc = analyse(part, step, step_args,
                                  (jax.tree_util.tree_map(lambda _: rep, up), vid, rep, rep, rep), vid)
             c = min(args.chunk, f)
             dec_args = (vp, jax.ShapeDtypeStruct((videos * c, h, w, 4), dt))
             fr = part.input_sharding(part.frames_spec(), (videos * c, h, w, 4))
             dec = lambda p, z: vae.apply({"params": p}, part.constrain(z), num_frames=c, method="decode")
-            df, dm, dc = analyse(dec, dec_args, (jax.tree_util.tree_map(lambda _: rep, vp), fr), fr)
+            df, dm, dc = analyse(part, dec, dec_args, (jax.tree_util.tree_map(lambda _: rep, vp), fr), fr)
             base = base_flops.setdefault(videos, uf)
             coll = sum(uc.values())
             print(f"{case:>14} {str(dict(mesh.shape)):>9} | {uf / 1e12:15.2f} {base / uf:6.2f} {um / 2**30:8.2f} "

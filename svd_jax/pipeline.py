@@ -15,6 +15,7 @@ For one video (B = 1) the result equals diffusers' (tested).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,6 +31,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from . import preprocessing as pre
 from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
+from .models.attention import IMPLEMENTATIONS, attention_backend
 from .scheduler import EulerScheduler, scale_model_input, step
 from .sharding import Partitioner
 from .weights import CheckpointError
@@ -71,11 +73,14 @@ class StableVideoDiffusionPipeline:
     def __init__(self, unet: UNetSpatioTemporalConditionModel, vae: AutoencoderKLTemporalDecoder,
                  image_encoder: CLIPVisionModelWithProjection, scheduler: EulerScheduler, params: dict,
                  dtype=jnp.float32, image_mean=pre.CLIP_MEAN, image_std=pre.CLIP_STD,
-                 partitioner: Optional[Partitioner] = None):
+                 partitioner: Optional[Partitioner] = None, attention: str = "auto"):
+        if attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {IMPLEMENTATIONS}; got {attention!r}")
         if partitioner is not None:  # the models pin their block outputs to the mesh layout
             unet = unet.clone(constrain=partitioner.constrain)
             vae = vae.clone(constrain=partitioner.constrain)
         self.partitioner = partitioner
+        self.attention = attention  # backend (models/attention.py IMPLEMENTATIONS); part of the jit cache key
         self.unet, self.vae, self.image_encoder, self.scheduler = unet, vae, image_encoder, scheduler
         self.params = params
         self.dtype = dtype
@@ -86,8 +91,8 @@ class StableVideoDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype=jnp.float32, variant: Optional[str] = None,
-                        *, mesh: Optional[Mesh] = None, fsdp: bool = False, revision: Optional[str] = None,
-                        cache_dir=None, local_files_only: bool = False):
+                        *, mesh: Optional[Mesh] = None, fsdp: bool = False, attention: str = "auto",
+                        revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False):
         """Load a diffusers-layout SVD folder or hub repo (model_index.json, unet/, vae/, image_encoder/,
         scheduler/, feature_extractor/). ``variant="fp16"`` reads the fp16 files; weights are cast to ``dtype``.
 
@@ -95,6 +100,9 @@ class StableVideoDiffusionPipeline:
         device reads its own slice from the memory-mapped file: replicated, or split over all devices with
         ``fsdp=True``) and every call runs sharded (videos and CFG halves over ``data``, frame height over
         ``space``). Without a mesh everything runs on the default device.
+
+        ``attention``: the attention backend ("auto", "xla", "blockwise", "cudnn"; see
+        :mod:`svd_jax.models.attention`); ``pipe.attention`` can be changed later (the next call recompiles).
         """
         root = _resolve_root(path_or_repo_id, variant, revision, cache_dir, local_files_only)
         index = root / "model_index.json"
@@ -115,7 +123,8 @@ class StableVideoDiffusionPipeline:
         if fe.is_file():
             cfg = json.loads(fe.read_text())
             mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
-        return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std, part)
+        return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std, part,
+                   attention)
 
     # ----------------------------------------------------------------------------------------------------------
     # The pure, jitted generation
@@ -128,12 +137,12 @@ class StableVideoDiffusionPipeline:
         timesteps (n,); guidance (F,); time_ids (3,).
         Returns frames (B, F, H, W, 3) in [0, 1] (or the final latents when config.latent)."""
         self.trace_count += 1
-        if self.partitioner is not None:
-            with self.partitioner.tracing():
-                return self._generate_body(params, clip_images, vae_images, image_noise, latents, video_src, sigmas,
-                                           timesteps, guidance, time_ids, noise_aug_strength, config)
-        return self._generate_body(params, clip_images, vae_images, image_noise, latents, video_src, sigmas,
-                                   timesteps, guidance, time_ids, noise_aug_strength, config)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(attention_backend(config[-1]))
+            if self.partitioner is not None:
+                stack.enter_context(self.partitioner.tracing())
+            return self._generate_body(params, clip_images, vae_images, image_noise, latents, video_src, sigmas,
+                                       timesteps, guidance, time_ids, noise_aug_strength, config[:-1])
 
     def _generate_body(self, params, clip_images, vae_images, image_noise, latents, video_src, sigmas, timesteps,
                        guidance, time_ids, noise_aug_strength, config):
@@ -279,7 +288,7 @@ class StableVideoDiffusionPipeline:
             latents = np.concatenate([latents, np.repeat(latents[-1:], bp - b, axis=0)])
         guidance = jnp.linspace(min_guidance_scale, max_guidance_scale, num_frames, dtype=jnp.float32)
         time_ids = jnp.asarray([fps - 1, motion_bucket_id, noise_aug_strength], jnp.float32)
-        config = (cfg, decode_chunk_size, output_type == "latent", bool(progress))
+        config = (cfg, decode_chunk_size, output_type == "latent", bool(progress), self.attention)
         args = [np.asarray(clip_images, np.float32), np.asarray(vae_images, np.float32), np.asarray(image_noise),
                 latents, video_src, np.asarray(schedule.sigmas, np.float32),
                 np.asarray(schedule.timesteps, np.float32), np.asarray(guidance), np.asarray(time_ids),
@@ -299,6 +308,33 @@ class StableVideoDiffusionPipeline:
                 frames = [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in frames]
         return StableVideoDiffusionPipelineOutput(frames) if return_dict else frames
 
+    def lower(self, *, images: int = 1, image_size: Optional[tuple] = None, height: int = 576, width: int = 1024,
+              num_frames: Optional[int] = None, num_inference_steps: int = 25, cfg: bool = True,
+              decode_chunk_size: Optional[int] = None, num_videos_per_prompt: int = 1, output_type: str = "np"):
+        """Trace the generation for one configuration on abstract inputs (nothing is computed or allocated):
+        returns a ``jax.stages.Lowered``; ``.compile().memory_analysis()`` / ``.cost_analysis()`` then give the
+        program's peak memory and FLOPs, e.g. at full size with :func:`svd_jax.configs.abstract_pipeline`.
+
+        ``images`` input images of ``image_size`` (H0, W0) (default (height, width)); the rest as :meth:`__call__`.
+        """
+        num_frames = self.unet.num_frames if num_frames is None else num_frames
+        decode_chunk_size = num_frames if decode_chunk_size is None else decode_chunk_size
+        self._check(height, width, num_frames, num_inference_steps, None, decode_chunk_size, num_videos_per_prompt,
+                    output_type, 127)
+        h0, w0 = image_size or (height, width)
+        bp = self._padded_batch(images * num_videos_per_prompt, cfg)
+        f32 = jnp.float32
+        shapes = [((images, h0, w0, 3), f32), ((images, height, width, 3), f32), ((images, height, width, 3), f32),
+                  ((bp, num_frames, height // self.vae_scale_factor, width // self.vae_scale_factor,
+                    self.unet.in_channels // 2), f32), ((bp,), jnp.int32), ((num_inference_steps + 1,), f32),
+                  ((num_inference_steps,), f32), ((num_frames,), f32), ((3,), f32), ((), f32)]
+        args = []
+        for i, (shape, dtype) in enumerate(shapes):
+            sharding = None if self.partitioner is None else self._input_sharding(i, shape)
+            args.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
+        config = (cfg, decode_chunk_size, output_type == "latent", False, self.attention)
+        return self._jitted.lower(self.params, *args, config=config)
+
     def _padded_batch(self, b: int, cfg: bool) -> int:
         """The number of videos in the program: b, or with a mesh the fewest >= b whose UNet batch (x2 with CFG)
         the data axis divides."""
@@ -312,14 +348,17 @@ class StableVideoDiffusionPipeline:
     def _place_inputs(self, args):
         """Host inputs -> global jax.Arrays on the mesh (latents split as the video layout where the mesh
         divides them, the rest replicated); each device gets its slice. Every process passes the same inputs."""
-        part = self.partitioner
         placed = []
         for i, a in enumerate(args):
             a = np.asarray(a)
-            spec = part.video_spec() if i == 3 else P()
-            sharding = part.input_sharding(spec, a.shape)
-            placed.append(jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]))
+            placed.append(jax.make_array_from_callback(a.shape, self._input_sharding(i, a.shape),
+                                                       lambda idx, a=a: a[idx]))
         return placed
+
+    def _input_sharding(self, i: int, shape):
+        """The sharding of the generation's i-th input: latents (i = 3) as the video layout, the rest replicated."""
+        part = self.partitioner
+        return part.input_sharding(part.video_spec() if i == 3 else P(), shape)
 
     def _check(self, height, width, num_frames, steps, sigmas, chunk, nvp, output_type, motion_bucket_id):
         def pos_int(name, v):

@@ -1,14 +1,20 @@
 """Device meshes and partitioning rules: the only place that knows about devices.
 
 Mesh axes (:func:`make_mesh`):
-  * ``"data"``:  the UNet batch (videos x the two CFG halves, [uncond; cond]) is split over it;
-  * ``"space"``: the latent/pixel HEIGHT of every frame is split over it, so one video uses every device
-    (convolutions exchange one-row halos, spatial attention gathers keys/values, temporal layers stay local:
-    each pixel's frames stay on one device). ``benchmarks/sharding_report.py`` measured it against splitting
-    the frames (``split="frames"``): for one SVD-XT video on 8 devices, CFG halves on data=2 and height on
-    space=4 give 6.7x less compute per device with 6.1 GB of collectives per step; frames give 7.1x with
-    24.7 GB; height alone (data=1) 4.6x with 13 GB.
+  * ``"data"``:  the UNet batch (videos x the two CFG halves, [uncond; cond]) is split over it, and in the VAE
+    decode one video per device group;
+  * ``"space"``: splits the inside of a video, so one video uses every device. The default rule
+    (``split="height+frames"``) splits each frame's HEIGHT where the space axis divides it (convolutions exchange
+    one-row halos, spatial attention gathers keys/values, temporal layers stay local) and the frames over all
+    devices in the UNet levels where it does not (SVD-XT's 18- and 9-row levels on 4 or 8 devices). Chosen by
+    ``benchmarks/sharding_report.py``: for one SVD-XT video (CFG, bf16) on 8 devices it gives 7.7x less
+    compute per device than one device on a 2 x 4 mesh (9.3 GB of collectives per step) and 7.5x on 1 x 8;
+    height only gives 6.7x / 4.6x, frames only 7.1x with 24.7 GB.
 
+Uneven splits (a dimension the axis does not divide) are padded by XLA, never replicated; jit inputs, which
+must split evenly, are left whole on such dimensions. Convolution kernels are pinned replicated where they are
+used (:meth:`Partitioner.tracing`): without that, XLA's Shardy partitioner split a kernel's taps along with a
+device-split image axis and computed wrong convolutions (jax 0.10, CPU).
 
 The models call a ``constrain(x)`` hook on (N, h, w, C) activations at block boundaries (N = videos x frames,
 b-major); :class:`Partitioner` provides it as ``with_sharding_constraint`` with these rules, and XLA inserts
@@ -28,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA, SPACE = "data", "space"
 AXES = (DATA, SPACE)
+SPLITS = ("height+frames", "height", "frames")
 
 
 def make_mesh(data: Optional[int] = None, space: Optional[int] = None, devices: Optional[Sequence] = None) -> Mesh:
@@ -63,11 +70,11 @@ class Partitioner:
 
     mesh: Mesh
     fsdp: bool = False
-    split: str = "height"  # what the space axis splits inside a video: "height" or "frames"
+    split: str = "height+frames"  # what the space axis splits inside a video (SPLITS; module docstring)
 
     def __post_init__(self):
-        if self.split not in ("height", "frames"):
-            raise ValueError(f"split must be 'height' or 'frames', not {self.split!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {self.split!r}")
 
     @property
     def data_size(self) -> int:
@@ -83,19 +90,11 @@ class Partitioner:
     # activations ------------------------------------------------------------------------------------------
     def frames_spec(self) -> P:
         """(N, h, w, C) frame-folded activations: videos over data, height (or frames) over space."""
-        return P(DATA, SPACE, None, None) if self.split == "height" else P(AXES, None, None, None)
+        return P(AXES, None, None, None) if self.split == "frames" else P(DATA, SPACE, None, None)
 
     def video_spec(self) -> P:
         """(B, F, h, w, C) videos: videos over data, height (or frames) over space."""
-        return P(DATA, None, SPACE, None, None) if self.split == "height" else P(DATA, SPACE, None, None, None)
-
-    def divides(self, spec: P, shape: Sequence[int]) -> bool:
-        """Whether the mesh splits every dimension of ``shape`` evenly under ``spec``."""
-        for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-            names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-            if dim % math.prod(self.mesh.shape[a] for a in names):
-                return False
-        return True
+        return P(DATA, SPACE, None, None, None) if self.split == "frames" else P(DATA, None, SPACE, None, None)
 
     def fit(self, spec: P, shape: Sequence[int]) -> P:
         """``spec`` with every dimension the mesh does not divide evenly left unsplit (replicated)."""
@@ -106,10 +105,9 @@ class Partitioner:
         return P(*out)
 
     def pin(self, x, spec: P):
-        """with_sharding_constraint(x, spec), with the dimensions the mesh does not divide left unsplit.
-        Every activation gets an explicit, even layout: XLA's own choices for uneven splits (padded shards)
-        gave wrong results with this jaxlib on CPU."""
-        return jax.lax.with_sharding_constraint(x, self.sharding(self.fit(spec, x.shape)))
+        """with_sharding_constraint(x, spec). A dimension the mesh does not divide is split unevenly (XLA pads
+        the last shards), which costs less than leaving it whole on every device."""
+        return jax.lax.with_sharding_constraint(x, self.sharding(spec))
 
     def replicate(self, x):
         """Pin ``x`` replicated on every device (used for convolution kernels, see :meth:`tracing`)."""
@@ -123,12 +121,19 @@ class Partitioner:
         return kernel_hook(self.replicate)
 
     def constrain(self, x):
-        """The models' block-boundary hook: pin (N, h, w, C) activations to :meth:`frames_spec`."""
-        return self.pin(x, self.frames_spec()) if x.ndim == 4 else x
+        """The models' block-boundary hook: pin (N, h, w, C) activations to :meth:`frames_spec` (with
+        ``split="rows-or-cols"``, the width is split where the height does not divide evenly)."""
+        if x.ndim != 4:
+            return x
+        spec = self.frames_spec()
+        if self.split == "height+frames" and x.shape[1] % self.mesh.shape[SPACE]:
+            spec = P(AXES, None, None, None)
+        return self.pin(x, spec)
 
     def input_sharding(self, spec: P, shape: Sequence[int]) -> NamedSharding:
-        """``spec`` for a jit input of ``shape`` if the mesh divides it evenly (jit requires it), else replicated."""
-        return self.sharding(spec if self.divides(spec, shape) else P())
+        """``spec`` for a jit input of ``shape``, dimensions the mesh does not divide unsplit (jit inputs must
+        split evenly)."""
+        return self.sharding(self.fit(spec, shape))
 
     # parameters -------------------------------------------------------------------------------------------
     def param_spec(self, shape: Sequence[int]) -> P:

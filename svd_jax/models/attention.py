@@ -1,19 +1,71 @@
-"""The one attention entry point of svd-jax.
+"""The one attention entry point of svd-jax, with its backends.
 
 Every attention in the three networks (CLIP self-attention, VAE mid-block attention, UNet spatial and
-temporal attention) calls :func:`dot_product_attention`. Backends other than the plain one (cuDNN flash,
-Pallas, blockwise online softmax) hang off the ``implementation`` argument.
+temporal attention) calls :func:`dot_product_attention`. The backend comes from the ``implementation``
+argument, else from the innermost :func:`attention_backend` context, else ``"auto"``:
+
+* ``"xla"``: the plain formula; materialises the (heads, Sq, Sk) scores. Fastest for short sequences.
+* ``"blockwise"``: online softmax over key blocks (``lax.scan``) for query blocks (``lax.map``): peak memory
+  is set by the block sizes, never by Sq x Sk. Works on every backend and every head size (the VAE's single
+  512-dim head included). Blocks are strided subsets of the token axis (token i*n + j sits in block j), so a
+  token axis split over devices stays split inside every block.
+* ``"cudnn"``: cuDNN fused flash attention (``jax.nn.dot_product_attention``), GPU only, bf16/fp16, head_dim
+  <= 128. Selecting it elsewhere raises.
+* ``"auto"``: cuDNN on GPU where it applies, else blockwise when the scores of one call would exceed
+  ``AUTO_BLOCKWISE_BYTES``, else xla.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
+
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn")
+AUTO_BLOCKWISE_BYTES = 256 * 2**20  # float32 scores of one call above this -> blockwise
+Q_BLOCK, K_BLOCK = 1024, 1024  # target block sizes (tokens) of the blockwise path
+
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("svd_jax_attention", default="auto")
 
 
-def dot_product_attention(q, k, v, *, scale: float | None = None, implementation: str = "xla"):
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """Within the context (while tracing), attention calls without an explicit ``implementation`` use
+    ``name`` (one of ``IMPLEMENTATIONS``)."""
+    _check_name(name)
+    token = _BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def _check_name(name):
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; choose one of {IMPLEMENTATIONS}")
+
+
+def _cudnn_applies(q, k, v) -> bool:
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0 and q.shape[-1] == v.shape[-1])
+
+
+def resolve_implementation(q, k, v, implementation: str | None = None) -> str:
+    """The backend a call with these operands uses (``implementation`` or the context's; ``auto`` resolved)."""
+    name = _BACKEND.get() if implementation is None else implementation
+    _check_name(name)
+    if name != "auto":
+        return name
+    if _cudnn_applies(q, k, v):
+        return "cudnn"
+    batch = math.prod(q.shape[:-3]) * q.shape[-2]
+    return "blockwise" if batch * q.shape[-3] * k.shape[-3] * 4 > AUTO_BLOCKWISE_BYTES else "xla"
+
+
+def dot_product_attention(q, k, v, *, scale: float | None = None, implementation: str | None = None):
     """softmax(q kᵀ · scale) v per head, logits and softmax in float32.
 
     Args:
@@ -21,17 +73,87 @@ def dot_product_attention(q, k, v, *, scale: float | None = None, implementation
       k: (..., Sk, heads, head_dim).
       v: (..., Sk, heads, head_dim_v).
       scale: defaults to head_dim ** -0.5 (PyTorch SDPA's default).
-      implementation: one of ``IMPLEMENTATIONS``.
+      implementation: one of ``IMPLEMENTATIONS``; None: the :func:`attention_backend` context's (default auto).
 
     Returns:
       (..., Sq, heads, head_dim_v) in q's dtype.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
     if q.ndim < 3 or not q.ndim == k.ndim == v.ndim:
         raise ValueError(f"q, k, v must be (..., S, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape[:-1] != v.shape[:-1] or q.shape[:-3] != k.shape[:-3] or q.shape[-2:] != k.shape[-2:]:
+        raise ValueError(f"q, k, v shapes do not match: {q.shape}, {k.shape}, {v.shape}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    name = resolve_implementation(q, k, v, implementation)
+    if name == "xla":
+        return _plain(q, k, v, scale)
+    if name == "blockwise":
+        return blockwise_attention(q, k, v, scale=scale)
+    if not _cudnn_applies(q, k, v):
+        raise ValueError(f"the cudnn attention backend needs a GPU, bf16/fp16 inputs and head_dim <= 128 "
+                         f"(a multiple of 8); got platform {jax.default_backend()!r}, {q.dtype}, head_dim "
+                         f"{q.shape[-1]}: use 'auto', 'blockwise' or 'xla'")
+    lead = q.shape[:-3]
+    flat = lambda t: t.reshape((-1,) + t.shape[-3:])  # cuDNN takes (B, S, N, H)
+    out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), scale=scale, implementation="cudnn")
+    return out.reshape(lead + out.shape[-3:])
+
+
+def _plain(q, k, v, scale):
     logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) * scale
     weights = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("...hqk,...khd->...qhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
+
+
+def _blocks(s: int, target: int) -> tuple[int, int]:
+    """(number of blocks n, padded length) for a token axis of length s: n divides the padded length, blocks
+    hold at most ~target tokens; a divisor of s is preferred so that nothing is padded."""
+    n0 = max(1, -(-s // target))
+    for n in range(n0, 2 * n0 + 1):
+        if s % n == 0:
+            return n, s
+    return n0, n0 * -(-s // n0)
+
+
+def blockwise_attention(q, k, v, *, scale: float, q_block: int = Q_BLOCK, k_block: int = K_BLOCK):
+    """Memory-efficient exact attention (online softmax); shapes as :func:`dot_product_attention`.
+
+    Scores live one (q_block x k_block) tile per head at a time. Accumulation in float32.
+    """
+    lead, sq, h, d = q.shape[:-3], q.shape[-3], q.shape[-2], q.shape[-1]
+    sk, dv = k.shape[-3], v.shape[-1]
+    nq, sq_p = _blocks(sq, q_block)
+    nk, sk_p = _blocks(sk, k_block)
+    pad = lambda t, n: jnp.pad(t, [(0, 0)] * (t.ndim - 3) + [(0, n - t.shape[-3]), (0, 0), (0, 0)])
+    q, k, v = pad(q, sq_p), pad(k, sk_p), pad(v, sk_p)
+    # token i * n + j -> block j (strided blocks; see the module docstring)
+    qs = jnp.moveaxis(q.reshape(lead + (sq_p // nq, nq, h, d)), -3, 0)  # (nq, ..., qb, h, d)
+    ks = jnp.moveaxis(k.reshape(lead + (sk_p // nk, nk, h, d)), -3, 0)
+    vs = jnp.moveaxis(v.reshape(lead + (sk_p // nk, nk, h, dv)), -3, 0)
+    valid = (jnp.arange(sk_p).reshape(sk_p // nk, nk) < sk).T  # (nk, kb): padded keys masked out
+    kb = sk_p // nk
+
+    def one_q_block(qc):  # (..., qb, h, d) -> (..., qb, h, dv)
+        qb = qc.shape[-3]
+        m0 = jnp.full(lead + (h, qb), -jnp.inf, jnp.float32)
+        acc0 = jnp.zeros(lead + (qb, h, dv), jnp.float32)
+
+        def step(carry, blk):
+            m, l, acc = carry
+            kc, vc, ok = blk
+            s = jnp.einsum("...qhd,...khd->...hqk", qc, kc, preferred_element_type=jnp.float32) * scale
+            s = jnp.where(ok.reshape((1,) * (s.ndim - 1) + (kb,)), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
+            l = l * corr + p.sum(axis=-1)
+            pv = jnp.einsum("...hqk,...khd->...qhd", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
+            acc = acc * jnp.swapaxes(corr, -1, -2)[..., None] + pv
+            return (m_new, l, acc), None
+
+        (m, l, acc), _ = jax.lax.scan(step, (m0, jnp.zeros_like(m0), acc0), (ks, vs, valid))
+        return (acc / jnp.swapaxes(l, -1, -2)[..., None]).astype(q.dtype)
+
+    out = jax.lax.map(one_q_block, qs)  # (nq, ..., qb, h, dv)
+    out = jnp.moveaxis(out, 0, -3).reshape(lead + (sq_p, h, dv))
+    return out[..., :sq, :, :]
