@@ -30,6 +30,7 @@ import PIL.Image
 from jax.sharding import Mesh, PartitionSpec as P
 
 from . import preprocessing as pre
+from .compile_cache import enable_compile_cache
 from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
 from .models.attention import IMPLEMENTATIONS, attention_backend
 from .scheduler import EulerScheduler, scale_model_input, step
@@ -76,6 +77,7 @@ class StableVideoDiffusionPipeline:
                  partitioner: Optional[Partitioner] = None, attention: str = "auto"):
         if attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention must be one of {IMPLEMENTATIONS}; got {attention!r}")
+        enable_compile_cache()  # compiled generations persist across processes (opt out: SVD_JAX_COMPILE_CACHE=0)
         if partitioner is not None:  # the models pin their block outputs to the mesh layout
             unet = unet.clone(constrain=partitioner.constrain)
             vae = vae.clone(constrain=partitioner.constrain)

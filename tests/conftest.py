@@ -14,6 +14,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the network
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+if "SVD_JAX_CACHE_DIR" not in os.environ:  # the pipeline's compile cache: a fresh one per test session
+    import tempfile
+
+    os.environ["SVD_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="svd-jax-test-xla-")
 
 import torch  # noqa: E402
 
