@@ -115,11 +115,14 @@ def _blocks(s: int, target: int) -> tuple[int, int]:
     return n0, n0 * -(-s // n0)
 
 
-def blockwise_attention(q, k, v, *, scale: float, q_block: int = Q_BLOCK, k_block: int = K_BLOCK):
+def blockwise_attention(q, k, v, *, scale: float, q_block: int | None = None, k_block: int | None = None):
     """Memory-efficient exact attention (online softmax); shapes as :func:`dot_product_attention`.
 
-    Scores live one (q_block x k_block) tile per head at a time. Accumulation in float32.
+    Scores live one (q_block x k_block) tile per head at a time (defaults: the module's Q_BLOCK, K_BLOCK, read
+    at trace time). Accumulation in float32.
     """
+    q_block = Q_BLOCK if q_block is None else q_block
+    k_block = K_BLOCK if k_block is None else k_block
     lead, sq, h, d = q.shape[:-3], q.shape[-3], q.shape[-2], q.shape[-1]
     sk, dv = k.shape[-3], v.shape[-1]
     nq, sq_p = _blocks(sq, q_block)

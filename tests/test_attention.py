@@ -1,0 +1,76 @@
+"""Attention backends: every path equals the plain formula; backend selection and errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import pytest
+
+from svd_jax import StableVideoDiffusionPipeline
+from svd_jax.models import attention as A
+
+
+def _qkv(lead, sq, sk, h, d, dv=None, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=lead + (sq, h, d)).astype(np.float32) * 2  # peaked softmax: exercises the running max
+    k = rng.normal(size=lead + (sk, h, d)).astype(np.float32) * 2
+    v = rng.normal(size=lead + (sk, h, dv or d)).astype(np.float32)
+    return q, k, v
+
+
+def _rel(a, b):
+    return float(jnp.abs(a - b).max() / jnp.abs(b).max())
+
+
+@pytest.mark.parametrize("lead,sq,sk,h,d,qb,kb", [
+    ((2,), 100, 77, 3, 16, 32, 16),      # padded keys and queries, several blocks each
+    ((2, 3), 64, 64, 2, 8, 16, 16),      # two leading batch dims, exact division
+    ((1,), 9, 1000, 1, 512, 4, 128),     # the VAE's single 512-dim head
+    ((3,), 37, 41, 2, 8, 7, 5),          # prime lengths
+    ((2,), 5, 1, 2, 8, 2, 1),            # a single key
+])
+def test_blockwise_equals_plain(lead, sq, sk, h, d, qb, kb):
+    q, k, v = _qkv(lead, sq, sk, h, d)
+    ref = A.dot_product_attention(q, k, v, implementation="xla")
+    got = jax.jit(lambda q, k, v: A.blockwise_attention(q, k, v, scale=d ** -0.5, q_block=qb, k_block=kb))(q, k, v)
+    assert got.shape == ref.shape
+    assert _rel(got, ref) <= 1e-5
+
+
+def test_backend_selection_and_errors(monkeypatch):
+    q, k, v = _qkv((1,), 64, 64, 2, 8)
+    assert A.resolve_implementation(q, k, v) == "xla"  # small: the plain path
+    monkeypatch.setattr(A, "AUTO_BLOCKWISE_BYTES", 64 * 64 * 2 * 4 - 1)
+    assert A.resolve_implementation(q, k, v) == "blockwise"  # scores above the budget
+    with A.attention_backend("xla"):
+        assert A.resolve_implementation(q, k, v) == "xla"
+        assert A.resolve_implementation(q, k, v, "blockwise") == "blockwise"  # the argument wins
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'.*choose one of"):
+        A.dot_product_attention(q, k, v, implementation="flash")
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        with A.attention_backend("nope"):
+            pass
+    if jax.default_backend() != "gpu":  # never silently selected where it cannot run
+        assert A.resolve_implementation(q.astype(jnp.bfloat16), k, v) != "cudnn"
+        with pytest.raises(ValueError, match="cudnn attention backend needs a GPU"):
+            A.dot_product_attention(q, k, v, implementation="cudnn")
+    with pytest.raises(ValueError, match="do not match"):
+        A.dot_product_attention(q, k[:, :, :1], v)
+
+
+def test_pipeline_blockwise_equals_xla(tiny_pipeline, monkeypatch):
+    """The whole generation with every attention (CLIP, VAE, UNet spatial/temporal) blockwise, in blocks small
+    enough that each call runs several, equals the plain backend; the backend is part of the jit cache key."""
+    monkeypatch.setattr(A, "Q_BLOCK", 8)
+    monkeypatch.setattr(A, "K_BLOCK", 4)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(tiny_pipeline[1], attention="xla")
+    img = PIL.Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    kw = dict(height=64, width=48, num_frames=3, num_inference_steps=2, decode_chunk_size=2, seed=0, output_type="np")
+    ref = pipe(img, **kw).frames
+    pipe.attention = "blockwise"
+    got = pipe(img, **kw).frames
+    assert pipe.trace_count == 2  # recompiled for the new backend
+    assert np.abs(got - ref).max() <= 1e-4
+    with pytest.raises(ValueError, match="attention must be one of"):
+        StableVideoDiffusionPipeline(pipe.unet, pipe.vae, pipe.image_encoder, pipe.scheduler, pipe.params,
+                                     attention="fast")
