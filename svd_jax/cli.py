@@ -2,6 +2,7 @@
 
     svd-jax generate --image photo.png --output video.mp4 [--model REPO_OR_DIR --steps 25 --seed 0 ...]
     svd-jax make-tiny DIR        # a tiny random checkpoint in the hub layout, for offline smoke runs
+    svd-jax convert SRC DST [--variant fp16 --dtype bfloat16]   # to the Flax layout, which loads faster and leaner
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``svd-jax`` (subcommands ``generate`` and ``make-tiny``)."""
+    """The argument parser of ``svd-jax`` (subcommands ``generate``, ``make-tiny`` and ``convert``)."""
     p = argparse.ArgumentParser(prog="svd-jax", description="Stable Video Diffusion image-to-video in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="image -> video (.mp4 or .gif)")
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny", help="write a tiny random SVD checkpoint (hub layout) to DIR")
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("convert", help="convert a diffusers checkpoint to the Flax layout (see svd_jax/convert.py)")
+    from .convert import add_arguments  # costs nothing more: svd_jax/__init__ has imported jax and the models
+
+    add_arguments(c)
     return p
 
 
@@ -76,6 +81,10 @@ def main(argv=None) -> int:
 
         print(make_tiny_checkpoint(args.dir, seed=args.seed))
         return 0
+    if args.command == "convert":
+        from .convert import run
+
+        return run(args)
     return _generate(args)
 
 

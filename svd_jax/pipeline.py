@@ -56,7 +56,8 @@ def _resolve_root(path_or_repo, variant, revision, cache_dir, local_files_only) 
     from huggingface_hub import snapshot_download
 
     patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json",
-                "feature_extractor/preprocessor_config.json", "*/*.safetensors.index*.json"]
+                "feature_extractor/preprocessor_config.json", "*/*.safetensors.index*.json",
+                "*/flax_manifest.json", "*/flax_params.safetensors"]  # converted folders (python -m convert)
     patterns += [f"*/*.{variant}.safetensors", f"*/*.{variant}-*.safetensors"] if variant else \
         ["*/model.safetensors", "*/diffusion_pytorch_model.safetensors", "*/*-of-*.safetensors"]
     return Path(snapshot_download(str(path_or_repo), allow_patterns=patterns, revision=revision,

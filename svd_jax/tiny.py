@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
-from .weights import params_to_torch_state
+from .weights import params_to_torch_state, path_to_torch_name, write_safetensors
 
 TINY_UNET = dict(
     _class_name="UNetSpatioTemporalConditionModel", sample_size=8, in_channels=8, out_channels=4,
@@ -54,23 +54,49 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def _random_leaf(rng, path, shape, dtype=np.float64) -> np.ndarray:
+    """One random parameter (Flax path and layout), drawn in ``dtype``: norm scales near (not at) 1, biases and
+    mix factors off 0, kernels scaled by fan-in."""
+    n = rng.standard_normal(shape, dtype=dtype)
+    if path[-1] == "kernel":
+        return n / np.sqrt(np.prod(shape[:-1]))
+    if path[-1] == "scale":
+        return 1.0 + 0.1 * n
+    if path[-1] in ("bias", "embedding"):
+        return 0.05 * n
+    return n  # mix_factor, class_embedding
+
+
 def _random_params(module, seed: int):
-    """Random params with sensible scales; norm scales near (not at) 1, biases and mix factors off 0."""
+    """Random params with sensible scales (:func:`_random_leaf`), float32."""
     from flax import traverse_util
 
     rng = np.random.default_rng(seed)
-    flat = {}
-    for path, leaf in traverse_util.flatten_dict(module.init_params_abstract()).items():
-        shape, n = leaf.shape, rng.standard_normal(leaf.shape)
-        if path[-1] == "kernel":
-            flat[path] = n / np.sqrt(np.prod(shape[:-1]))
-        elif path[-1] == "scale":
-            flat[path] = 1.0 + 0.1 * n
-        elif path[-1] in ("bias", "embedding"):
-            flat[path] = 0.05 * n
-        else:  # mix_factor, class_embedding
-            flat[path] = n
-    return traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in flat.items()})
+    flat = {path: _random_leaf(rng, path, leaf.shape).astype(np.float32)
+            for path, leaf in traverse_util.flatten_dict(module.init_params_abstract()).items()}
+    return traverse_util.unflatten_dict(flat)
+
+
+def write_random_weights(path: str | os.PathLike, module, dtype=np.float32, seed: int = 0) -> int:
+    """Write random weights for ``module`` to one safetensors file in the diffusers/transformers layout (PyTorch
+    names and layouts), streamed one tensor at a time: a full-size UNet (1.5 B params) without holding it in
+    memory or running Flax init. Returns the file size in bytes."""
+    from flax import traverse_util
+
+    leaves = traverse_util.flatten_dict(module.init_params_abstract())
+    specs, fns = [], []
+    for p, leaf in leaves.items():
+        name, fn = path_to_torch_name(p, len(leaf.shape))
+        shape = fn(np.broadcast_to(np.zeros((), np.uint8), leaf.shape)).shape  # PyTorch shape, nothing allocated
+        specs.append((name, np.dtype(dtype), tuple(shape)))
+        fns.append(fn)
+    rng = np.random.default_rng(seed)
+
+    def arrays():
+        for (p, leaf), fn in zip(leaves.items(), fns):
+            yield np.ascontiguousarray(fn(_random_leaf(rng, p, leaf.shape, np.float32))).astype(dtype)
+
+    return write_safetensors(path, specs, arrays(), metadata={"format": "pt"})
 
 
 def make_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
