@@ -24,11 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from svd_jax.configs import SVD_VAE
 from svd_jax.models import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
 from svd_jax.sharding import Partitioner, make_mesh
 
-SVD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-               layers_per_block=2, latent_channels=4)
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
 

@@ -8,16 +8,10 @@ import math
 
 import torch
 
+from svd_jax.configs import SVD_CLIP, SVD_VAE
 from svd_jax.models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection
 from svd_jax.weights import flatten_shapes, plan_conversion
 from conftest import reference_keys
-
-SVD_VAE = dict(in_channels=3, out_channels=3, block_out_channels=[128, 256, 512, 512],
-               down_block_types=["DownEncoderBlock2D"] * 4, layers_per_block=2, latent_channels=4,
-               sample_size=768, scaling_factor=0.18215, force_upcast=True)
-SVD_CLIP = dict(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
-                num_attention_heads=16, num_channels=3, image_size=224, patch_size=14, hidden_act="gelu",
-                layer_norm_eps=1e-5)
 
 
 def _check(component, torch_model, flax_module, n_tensors, n_params):
