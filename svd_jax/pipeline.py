@@ -104,7 +104,7 @@ class StableVideoDiffusionPipeline:
         ``fsdp=True``) and every call runs sharded (videos and CFG halves over ``data``, frame height over
         ``space``). Without a mesh everything runs on the default device.
 
-        ``attention``: the attention backend ("auto", "xla", "blockwise", "cudnn"; see
+        ``attention``: the attention backend ("auto", "xla", "blockwise", "cudnn", "pallas"; see
         :mod:`svd_jax.models.attention`); ``pipe.attention`` can be changed later (the next call recompiles).
         """
         root = _resolve_root(path_or_repo_id, variant, revision, cache_dir, local_files_only)

@@ -24,6 +24,8 @@ dimension that divides (gathered by XLA where used).
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import math
 from typing import Optional, Sequence
@@ -115,10 +117,15 @@ class Partitioner:
 
     def tracing(self):
         """Context to trace sharded model calls in: every convolution kernel is pinned replicated at its use
-        (gathered there when FSDP-split), which XLA needs to partition convolutions correctly (models/layers.py)."""
+        (gathered there when FSDP-split), which XLA needs to partition convolutions correctly (models/layers.py);
+        attention's ``auto`` leaves single-device kernels (Pallas) out of the sharded program."""
+        from .models.attention import sharded_trace
         from .models.layers import kernel_hook
 
-        return kernel_hook(self.replicate)
+        stack = contextlib.ExitStack()
+        stack.enter_context(kernel_hook(self.replicate))
+        stack.enter_context(sharded_trace())
+        return stack
 
     def constrain(self, x):
         """The models' block-boundary hook: pin (N, h, w, C) activations to :meth:`frames_spec` (with

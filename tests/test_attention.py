@@ -74,3 +74,31 @@ def test_pipeline_blockwise_equals_xla(tiny_pipeline, monkeypatch):
     with pytest.raises(ValueError, match="attention must be one of"):
         StableVideoDiffusionPipeline(pipe.unet, pipe.vae, pipe.image_encoder, pipe.scheduler, pipe.params,
                                      attention="fast")
+
+
+@pytest.mark.parametrize("lead,sq,sk,h,d", [
+    ((2,), 256, 256, 2, 64),      # multiples of 128: no padding
+    ((1, 2), 100, 77, 3, 16),     # queries and keys padded, masked by segment ids; two leading dims
+    ((1,), 144, 300, 1, 512),     # the VAE's single 512-dim head (smaller tiles), padded keys
+])
+def test_pallas_tpu_kernel_equals_plain(lead, sq, sk, h, d):
+    """The TPU flash-attention kernel, run in Pallas' TPU interpreter on this backend."""
+    q, k, v = _qkv(lead, sq, sk, h, d, seed=1)
+    ref = A.dot_product_attention(q, k, v, implementation="xla")
+    got = A.pallas_attention(q, k, v, scale=d ** -0.5, interpret=True)
+    assert got.shape == ref.shape
+    assert _rel(got, ref) <= 1e-5
+
+
+def test_pallas_selection(monkeypatch):
+    q, k, v = _qkv((1,), 256, 256, 2, 64)
+    monkeypatch.setattr(A, "AUTO_BLOCKWISE_BYTES", 1024)
+    if jax.default_backend() != "tpu":  # never silently selected where it cannot run
+        assert A.resolve_implementation(q, k, v) == "blockwise"
+        with pytest.raises(ValueError, match="pallas attention backend needs a TPU"):
+            A.dot_product_attention(q, k, v, implementation="pallas")
+    monkeypatch.setattr(A.jax, "default_backend", lambda: "tpu")  # how auto decides on a TPU
+    assert A.resolve_implementation(q, k, v) == "pallas"
+    with A.sharded_trace():  # a sharded program: XLA cannot split a Pallas call
+        assert A.resolve_implementation(q, k, v) == "blockwise"
+    assert A.resolve_implementation(q, k, v[..., :32]) == "blockwise"  # unequal head dims

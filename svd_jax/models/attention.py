@@ -11,8 +11,12 @@ argument, else from the innermost :func:`attention_backend` context, else ``"aut
   token axis split over devices stays split inside every block.
 * ``"cudnn"``: cuDNN fused flash attention (``jax.nn.dot_product_attention``), GPU only, bf16/fp16, head_dim
   <= 128. Selecting it elsewhere raises.
-* ``"auto"``: cuDNN on GPU where it applies, else blockwise when the scores of one call would exceed
-  ``AUTO_BLOCKWISE_BYTES``, else xla.
+* ``"pallas"``: the Pallas TPU flash-attention kernel (``jax.experimental.pallas.ops.tpu``), TPU only, on
+  one device (outside a sharded trace: XLA cannot split a Pallas call, it would gather its operands). Token
+  axes are padded to multiples of 128 and the padding masked out with segment ids. Selecting it elsewhere
+  raises; :func:`pallas_attention` with ``interpret=True`` runs the same kernel on CPU (the tests do).
+* ``"auto"``: cuDNN on GPU where it applies; for long sequences (scores of one call above
+  ``AUTO_BLOCKWISE_BYTES``) the Pallas kernel on a single TPU, else blockwise; else xla.
 """
 
 from __future__ import annotations
@@ -24,11 +28,23 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas")
 AUTO_BLOCKWISE_BYTES = 256 * 2**20  # float32 scores of one call above this -> blockwise
 Q_BLOCK, K_BLOCK = 1024, 1024  # target block sizes (tokens) of the blockwise path
 
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("svd_jax_attention", default="auto")
+# True while a sharded program is traced (set by svd_jax.sharding.Partitioner.tracing): no Pallas there.
+_SHARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("svd_jax_attention_sharded", default=False)
+
+
+@contextlib.contextmanager
+def sharded_trace():
+    """Marks the trace as sharded over a mesh: ``auto`` then never picks a single-device kernel."""
+    token = _SHARDED.set(True)
+    try:
+        yield
+    finally:
+        _SHARDED.reset(token)
 
 
 @contextlib.contextmanager
@@ -62,7 +78,14 @@ def resolve_implementation(q, k, v, implementation: str | None = None) -> str:
     if _cudnn_applies(q, k, v):
         return "cudnn"
     batch = math.prod(q.shape[:-3]) * q.shape[-2]
-    return "blockwise" if batch * q.shape[-3] * k.shape[-3] * 4 > AUTO_BLOCKWISE_BYTES else "xla"
+    if batch * q.shape[-3] * k.shape[-3] * 4 <= AUTO_BLOCKWISE_BYTES:
+        return "xla"
+    return "pallas" if _pallas_applies(q, v) else "blockwise"
+
+
+def _pallas_applies(q, v) -> bool:
+    return (jax.default_backend() == "tpu" and not _SHARDED.get() and q.shape[-1] == v.shape[-1]
+            and q.shape[-1] <= 512)
 
 
 def dot_product_attention(q, k, v, *, scale: float | None = None, implementation: str | None = None):
@@ -88,6 +111,12 @@ def dot_product_attention(q, k, v, *, scale: float | None = None, implementation
         return _plain(q, k, v, scale)
     if name == "blockwise":
         return blockwise_attention(q, k, v, scale=scale)
+    if name == "pallas":
+        if not _pallas_applies(q, v):
+            raise ValueError(f"the pallas attention backend needs a TPU, one device (no mesh) and equal q/v head "
+                             f"dims <= 512; got platform {jax.default_backend()!r}, sharded={_SHARDED.get()}, "
+                             f"head dims {q.shape[-1]}/{v.shape[-1]}: use 'auto', 'blockwise' or 'xla'")
+        return pallas_attention(q, k, v, scale=scale)
     if not _cudnn_applies(q, k, v):
         raise ValueError(f"the cudnn attention backend needs a GPU, bf16/fp16 inputs and head_dim <= 128 "
                          f"(a multiple of 8); got platform {jax.default_backend()!r}, {q.dtype}, head_dim "
@@ -160,3 +189,40 @@ def blockwise_attention(q, k, v, *, scale: float, q_block: int | None = None, k_
     out = jax.lax.map(one_q_block, qs)  # (nq, ..., qb, h, dv)
     out = jnp.moveaxis(out, 0, -3).reshape(lead + (sq_p, h, dv))
     return out[..., :sq, :, :]
+
+
+def _pallas_block(n: int, cap: int) -> int:
+    """The largest of 512, 256, 128 (at most ``cap``) that divides n (a multiple of 128)."""
+    return next(b for b in (512, 256, 128) if b <= cap and n % b == 0)
+
+
+def pallas_attention(q, k, v, *, scale: float, interpret: bool = False):
+    """The Pallas TPU flash-attention kernel; shapes as :func:`dot_product_attention` (equal q/v head dims).
+
+    Token axes are padded to multiples of 128; padded keys get segment id 0 and real queries 1, so no real query
+    sees a padded key. ``interpret=True`` runs the kernel in Pallas' TPU interpreter (any backend; slow).
+    """
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    lead, sq, h, d = q.shape[:-3], q.shape[-3], q.shape[-2], q.shape[-1]
+    sk = k.shape[-3]
+    sq_p, sk_p = -(-sq // 128) * 128, -(-sk // 128) * 128
+    to_bhsd = lambda t, n: jnp.pad(t.reshape((-1,) + t.shape[-3:]), [(0, 0), (0, n - t.shape[-3]), (0, 0), (0, 0)]
+                                   ).transpose(0, 2, 1, 3)  # the kernel takes (B, heads, S, D)
+    qt, kt, vt = to_bhsd(q, sq_p), to_bhsd(k, sk_p), to_bhsd(v, sk_p)
+    segments = None
+    if sq_p != sq or sk_p != sk:
+        b = qt.shape[0]
+        ids = lambda n, s: jnp.broadcast_to((jnp.arange(n) < s).astype(jnp.int32), (b, n))
+        segments = fa.SegmentIds(q=ids(sq_p, sq), kv=ids(sk_p, sk))
+    cap = 512 if d <= 128 else 256  # VMEM: wide heads (the VAE's 512) take smaller tiles
+    bq, bk = _pallas_block(sq_p, cap), _pallas_block(sk_p, cap)
+    blocks = fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1)
+    run = lambda: fa.flash_attention(qt, kt, vt, segment_ids=segments, sm_scale=scale, block_sizes=blocks)
+    if interpret:
+        with pltpu.force_tpu_interpret_mode():
+            out = run()
+    else:
+        out = run()
+    return out.transpose(0, 2, 1, 3)[:, :sq].reshape(lead + (sq, h, d)).astype(q.dtype)
