@@ -101,7 +101,8 @@ def write_random_weights(path: str | os.PathLike, module, dtype=np.float32, seed
 
 def make_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny random SVD pipeline (model_index.json, unet/, vae/, image_encoder/, scheduler/,
-    feature_extractor/) to ``folder``; returns its path. Generation size: any multiple of 8 (e.g. 64 x 64)."""
+    feature_extractor/) to ``folder``; returns its path. Generation size: any multiple of 8 (e.g. 64 x 64).
+    Like the hub repos, every model has fp32 weights and an ``fp16`` variant (``variant="fp16"`` loads it)."""
     from safetensors.numpy import save_file
 
     root = Path(folder)
@@ -112,7 +113,10 @@ def make_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
         module = cls.from_config(cfg)
         params = _random_params(module, seed + i)
         _write_json(root / name / "config.json", cfg)
-        save_file(params_to_torch_state(params), str(root / name / fname), metadata={"format": "pt"})
+        state = params_to_torch_state(params)
+        save_file(state, str(root / name / fname), metadata={"format": "pt"})
+        fp16 = {k: np.asarray(v, np.float16) for k, v in state.items()}
+        save_file(fp16, str(root / name / fname.replace(".safetensors", ".fp16.safetensors")), metadata={"format": "pt"})
     _write_json(root / "scheduler" / "scheduler_config.json", SVD_SCHEDULER_CONFIG)
     _write_json(root / "feature_extractor" / "preprocessor_config.json", CLIP_PROCESSOR_CONFIG)
     _write_json(root / "model_index.json", MODEL_INDEX)
