@@ -274,6 +274,50 @@ class StableVideoDiffusionPipeline:
         Returns:
           StableVideoDiffusionPipelineOutput(frames) (or frames when return_dict=False).
         """
+        args, config, b, bp = self._inputs(
+            image, height, width, num_frames, num_inference_steps, sigmas, min_guidance_scale, max_guidance_scale,
+            fps, motion_bucket_id, noise_aug_strength, decode_chunk_size, num_videos_per_prompt, seed, rng, latents,
+            output_type, progress)
+        if self.partitioner is not None:
+            args = self._place_inputs(args)
+        out = self._jitted(self.params, *args, config=config)
+        if progress:
+            _progress_close()
+        if bp > b:
+            out = out[:b]
+        if output_type == "latent":
+            frames = out
+        else:
+            frames = _to_host(out)
+            if output_type == "pil":
+                frames = [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in frames]
+        return StableVideoDiffusionPipelineOutput(frames) if return_dict else frames
+
+    def lower(self, *, images: int = 1, image_size: Optional[tuple] = None, height: int = 576, width: int = 1024,
+              num_frames: Optional[int] = None, num_inference_steps: int = 25, cfg: bool = True,
+              decode_chunk_size: Optional[int] = None, num_videos_per_prompt: int = 1, output_type: str = "np"):
+        """Trace the generation for one configuration on abstract inputs (nothing is computed on the device):
+        returns a ``jax.stages.Lowered``; ``.compile().memory_analysis()`` / ``.cost_analysis()`` then give the
+        program's peak memory and FLOPs, e.g. at full size with :func:`svd_jax.configs.abstract_pipeline`.
+
+        ``images`` input images of ``image_size`` (H0, W0) (default (height, width)); ``cfg``: classifier-free
+        guidance on (max_guidance_scale 3) or off (1); the rest as :meth:`__call__`. The inputs are built by the
+        same code as a call's, from blank images, so the lowered program is the one a call would run.
+        """
+        h0, w0 = image_size or (height, width)
+        blank = np.zeros((images, h0, w0, 3), np.float32)
+        args, config, _, _ = self._inputs(
+            blank, height, width, num_frames, num_inference_steps, None, 1.0, 3.0 if cfg else 1.0, 7, 127, 0.02,
+            decode_chunk_size, num_videos_per_prompt, 0, None, None, output_type, False)
+        abstract = [jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=None if self.partitioner is None
+                                         else self._input_sharding(i, np.shape(a))) for i, a in enumerate(args)]
+        return self._jitted.lower(self.params, *abstract, config=config)
+
+    def _inputs(self, image, height, width, num_frames, num_inference_steps, sigmas, min_guidance_scale,
+                max_guidance_scale, fps, motion_bucket_id, noise_aug_strength, decode_chunk_size,
+                num_videos_per_prompt, seed, rng, latents, output_type, progress):
+        """The checked host inputs of the jitted generation for one call of :meth:`__call__` (same arguments):
+        (args, static config, videos B, videos in the program B' >= B)."""
         num_frames = self.unet.num_frames if num_frames is None else num_frames
         decode_chunk_size = num_frames if decode_chunk_size is None else decode_chunk_size
         self._check(height, width, num_frames, num_inference_steps, sigmas, decode_chunk_size,
@@ -307,47 +351,7 @@ class StableVideoDiffusionPipeline:
                 latents, video_src, np.asarray(schedule.sigmas, np.float32),
                 np.asarray(schedule.timesteps, np.float32), np.asarray(guidance), np.asarray(time_ids),
                 np.float32(noise_aug_strength)]
-        if self.partitioner is not None:
-            args = self._place_inputs(args)
-        out = self._jitted(self.params, *args, config=config)
-        if progress:
-            _progress_close()
-        if bp > b:
-            out = out[:b]
-        if output_type == "latent":
-            frames = out
-        else:
-            frames = _to_host(out)
-            if output_type == "pil":
-                frames = [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in frames]
-        return StableVideoDiffusionPipelineOutput(frames) if return_dict else frames
-
-    def lower(self, *, images: int = 1, image_size: Optional[tuple] = None, height: int = 576, width: int = 1024,
-              num_frames: Optional[int] = None, num_inference_steps: int = 25, cfg: bool = True,
-              decode_chunk_size: Optional[int] = None, num_videos_per_prompt: int = 1, output_type: str = "np"):
-        """Trace the generation for one configuration on abstract inputs (nothing is computed or allocated):
-        returns a ``jax.stages.Lowered``; ``.compile().memory_analysis()`` / ``.cost_analysis()`` then give the
-        program's peak memory and FLOPs, e.g. at full size with :func:`svd_jax.configs.abstract_pipeline`.
-
-        ``images`` input images of ``image_size`` (H0, W0) (default (height, width)); the rest as :meth:`__call__`.
-        """
-        num_frames = self.unet.num_frames if num_frames is None else num_frames
-        decode_chunk_size = num_frames if decode_chunk_size is None else decode_chunk_size
-        self._check(height, width, num_frames, num_inference_steps, None, decode_chunk_size, num_videos_per_prompt,
-                    output_type, 127)
-        h0, w0 = image_size or (height, width)
-        bp = self._padded_batch(images * num_videos_per_prompt, cfg)
-        f32 = jnp.float32
-        shapes = [((images, h0, w0, 3), f32), ((images, height, width, 3), f32), ((images, height, width, 3), f32),
-                  ((bp, num_frames, height // self.vae_scale_factor, width // self.vae_scale_factor,
-                    self.unet.in_channels // 2), f32), ((bp,), jnp.int32), ((num_inference_steps + 1,), f32),
-                  ((num_inference_steps,), f32), ((num_frames,), f32), ((3,), f32), ((), f32)]
-        args = []
-        for i, (shape, dtype) in enumerate(shapes):
-            sharding = None if self.partitioner is None else self._input_sharding(i, shape)
-            args.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
-        config = (cfg, decode_chunk_size, output_type == "latent", False, self.attention)
-        return self._jitted.lower(self.params, *args, config=config)
+        return args, config, b, bp
 
     def _padded_batch(self, b: int, cfg: bool) -> int:
         """The number of videos in the program: b, or with a mesh the fewest >= b whose UNet batch (x2 with CFG)

@@ -208,3 +208,27 @@ def test_from_pretrained_hub_snapshot_offline(pipes, tmp_path):
     for name in ("unet", "vae", "image_encoder"):
         for a, b in zip(jax.tree_util.tree_leaves(hub.params[name]), jax.tree_util.tree_leaves(pipe.params[name])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lower_is_the_program_a_call_runs(pipes):
+    """pipe.lower(...) on abstract inputs gives the program a call with the same configuration runs: compiled, it
+    returns exactly the call's output on the call's inputs; it reports memory and FLOPs."""
+    _, pipe, _ = pipes
+    kw = dict(height=H, width=W, num_frames=F, num_inference_steps=2, decode_chunk_size=2)
+    compiled = pipe.lower(image_size=(50, 70), **kw).compile()
+    seen, real = {}, pipe._jitted
+
+    def spy(params, *args, config):
+        seen["args"], seen["out"] = args, real(params, *args, config=config)
+        return seen["out"]
+
+    pipe._jitted = spy
+    try:
+        pipe(_image(3), output_type="np", seed=5, **kw)
+    finally:
+        pipe._jitted = real
+    np.testing.assert_array_equal(np.asarray(compiled(pipe.params, *seen["args"])), np.asarray(seen["out"]))
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+    assert compiled.cost_analysis()["flops"] > 1e6
+    with pytest.raises(ValueError, match="num_frames must be a positive integer"):
+        pipe.lower(height=H, width=W, num_frames=0)
