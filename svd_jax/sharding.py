@@ -129,7 +129,7 @@ class Partitioner:
 
     def constrain(self, x):
         """The models' block-boundary hook: pin (N, h, w, C) activations to :meth:`frames_spec` (with
-        ``split="rows-or-cols"``, the width is split where the height does not divide evenly)."""
+        ``split="height+frames"``, the frames over all devices where the space axis does not divide the height)."""
         if x.ndim != 4:
             return x
         spec = self.frames_spec()
