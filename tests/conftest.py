@@ -177,3 +177,24 @@ def tiny_pipeline(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_svd")
     pipe.save_pretrained(folder)
     return pipe, folder
+
+
+# Compile-time savers for the runs that demonstrate rather than compare numbers (notebooks, README blocks): XLA
+# compiling the tiny programs is most of their time, and these codegen options halve it twice over (LLVM
+# optimisation off; the older CPU emitters). Used only if this jaxlib knows them: XLA aborts on an unknown flag.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+@pytest.fixture(scope="session")
+def fast_xla_flags():
+    """devices -> an XLA_FLAGS value: that many simulated CPU devices plus the FAST_COMPILE_FLAGS accepted here."""
+    import subprocess
+    import sys
+
+    def accepted(flags):
+        env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
+        probe = [sys.executable, "-c", "import jax; jax.devices()"]
+        return subprocess.run(probe, check=False, env=env, capture_output=True, timeout=300).returncode == 0
+
+    fast = [f for f in FAST_COMPILE_FLAGS if accepted([f])]
+    return lambda devices: " ".join([f"--xla_force_host_platform_device_count={devices}"] + fast)

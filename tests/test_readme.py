@@ -76,10 +76,9 @@ def workdir(tmp_path_factory):
     return work, tiny
 
 
-def _env(tiny: Path) -> dict:
+def _env(tiny: Path, xla_flags: str) -> dict:
     env = dict(os.environ, SVD_JAX_MODEL=str(tiny), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
-               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""), XLA_FLAGS=xla_flags)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")  # `python -m convert` runs in a clone
     return env
 
@@ -104,7 +103,7 @@ def lines_before(line: int) -> str:
     return README.read_text().splitlines()[line - 3]
 
 
-def test_readme_code_blocks_run(workdir):
+def test_readme_code_blocks_run(workdir, fast_xla_flags):
     work, tiny = workdir
     used: set = set()
     paths = dict(tiny=tiny, work=work)
@@ -125,7 +124,7 @@ def test_readme_code_blocks_run(workdir):
                 cmds.append(cmd)
             sh.append((line, "\n".join(cmds)))
     assert used == set(range(len(SUBS))), f"unused substitutions: {[SUBS[k] for k in set(range(len(SUBS))) - used]}"
-    env = _env(tiny)
+    env = _env(tiny, fast_xla_flags(4))  # 4 devices; compiled fast (conftest.py)
 
     (work / "blocks.json").write_text(json.dumps(py))
     r = subprocess.run([sys.executable, "-c", RUN_PYTHON, str(work / "blocks.json")], cwd=work, env=env,
