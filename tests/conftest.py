@@ -187,7 +187,8 @@ FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusio
 
 @pytest.fixture(scope="session")
 def fast_xla_flags():
-    """devices -> an XLA_FLAGS value: that many simulated CPU devices plus the FAST_COMPILE_FLAGS accepted here."""
+    """devices -> an XLA_FLAGS value: that many simulated CPU devices (None: leave the count to the script) plus
+    the FAST_COMPILE_FLAGS accepted here."""
     import subprocess
     import sys
 
@@ -197,4 +198,5 @@ def fast_xla_flags():
         return subprocess.run(probe, check=False, env=env, capture_output=True, timeout=300).returncode == 0
 
     fast = [f for f in FAST_COMPILE_FLAGS if accepted([f])]
-    return lambda devices: " ".join([f"--xla_force_host_platform_device_count={devices}"] + fast)
+    return lambda devices=None: " ".join(
+        ([] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]) + fast)

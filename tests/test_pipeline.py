@@ -187,11 +187,11 @@ def test_cli_generate_and_make_tiny(tmp_path):
     meta = next(reader)
     frames = list(reader)
     assert meta["size"] == (96, 64) and len(frames) == 5
-    gif = tmp_path / "out.gif"
+    gif = tmp_path / "out.gif"  # the same program (read back from the compile cache), another container
     assert main(["generate", "--model", str(tiny), "--image", str(img), "--output", str(gif), "--height", "64",
-                 "--width", "64", "--num-frames", "2", "--steps", "1", "--quiet"]) == 0
+                 "--width", "96", "--num-frames", "5", "--steps", "2", "--quiet"]) == 0
     with PIL.Image.open(gif) as g:
-        assert g.n_frames == 2 and g.size == (64, 64)
+        assert g.n_frames == 5 and g.size == (96, 64)
 
 
 def test_from_pretrained_hub_snapshot_offline(pipes, tmp_path):

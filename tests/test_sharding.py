@@ -18,17 +18,19 @@ from svd_jax.sharding import Partitioner, make_mesh
 HERE = Path(__file__).parent
 
 
-def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = ""  # the scripts add their forced device count
-    return env
+@pytest.fixture(scope="module")
+def env(fast_xla_flags):
+    """The scripts' environment: they add their forced device count to XLA_FLAGS. Compiled fast (conftest.py):
+    these runs compare sharded with one-device programs built with the same flags; partitioning (HLO passes)
+    is unaffected by the CPU code generator's options."""
+    return dict(os.environ, XLA_FLAGS=fast_xla_flags())
 
 
 @pytest.fixture(scope="module")
-def sharded(tiny_pipeline):
+def sharded(tiny_pipeline, env):
     _, folder = tiny_pipeline
     proc = subprocess.run([sys.executable, str(HERE / "sharded_run.py"), str(folder)], capture_output=True,
-                          text=True, env=_env(), timeout=1200)
+                          text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -68,12 +70,12 @@ def test_uneven_batch_is_padded_and_cropped(sharded, tiny_pipeline):
         assert (pipe._padded_batch(3, cfg=False), pipe._padded_batch(3, cfg=True)) == (4, 3)
 
 
-def test_constrained_models_equal_unconstrained(tiny_pipeline):
+def test_constrained_models_equal_unconstrained(tiny_pipeline, env):
     """On 8 CPU devices (subprocess), the models with the mesh's block-boundary constraints give the same
     outputs as without, for both mesh shapes, and the UNet output really lives on all 8 devices."""
     _, folder = tiny_pipeline
     proc = subprocess.run([sys.executable, str(HERE / "sharded_models_run.py"), str(folder)], capture_output=True,
-                          text=True, env=_env(), timeout=900)
+                          text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     for key, value in r.items():
@@ -112,7 +114,7 @@ def test_make_mesh_and_rules():
         assert Partitioner(make_mesh(data=1, space=n)).fit(spec, (3, n + 1)) == jax.sharding.PartitionSpec("data", None)
 
 
-def test_multihost_two_processes(tiny_pipeline, tmp_path):
+def test_multihost_two_processes(tiny_pipeline, tmp_path, env):
     """2 processes x 4 CPU devices after jax.distributed.initialize (gloo collectives): every process gets the
     full frames, equal to the one-device run."""
     _, folder = tiny_pipeline
@@ -120,7 +122,7 @@ def test_multihost_two_processes(tiny_pipeline, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_run.py"), str(folder), str(port), str(i),
-                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
