@@ -64,6 +64,24 @@ def _resolve_root(path_or_repo, variant, revision, cache_dir, local_files_only) 
                                   cache_dir=cache_dir, local_files_only=local_files_only))
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype, mesh: Optional[Mesh] = None) -> jnp.dtype:
+    """``"auto"`` -> bfloat16 on TPU/GPU, float32 on CPU (the platform of ``mesh``'s devices, else the default
+    backend); a float dtype (or its name) -> itself; anything else raises."""
+    if isinstance(dtype, str) and dtype == "auto":
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES} or 'auto'; got {dtype!r}")
+    return dt
+
+
 class StableVideoDiffusionPipeline:
     """SVD / SVD-XT image-to-video in JAX. Build with :meth:`from_pretrained`; call with an image.
 
@@ -86,18 +104,22 @@ class StableVideoDiffusionPipeline:
         self.attention = attention  # backend (models/attention.py IMPLEMENTATIONS); part of the jit cache key
         self.unet, self.vae, self.image_encoder, self.scheduler = unet, vae, image_encoder, scheduler
         self.params = params
-        self.dtype = dtype
+        self.dtype = jnp.dtype(dtype)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.vae_scale_factor = vae.downscale
         self._jitted = jax.jit(self._generate, static_argnames=("config",))
         self.trace_count = 0  # how many times the generation was traced (compiled); for tests and users
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype=jnp.float32, variant: Optional[str] = None,
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype="auto", variant: Optional[str] = None,
                         *, mesh: Optional[Mesh] = None, fsdp: bool = False, attention: str = "auto",
                         revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False):
         """Load a diffusers-layout SVD folder or hub repo (model_index.json, unet/, vae/, image_encoder/,
         scheduler/, feature_extractor/). ``variant="fp16"`` reads the fp16 files; weights are cast to ``dtype``.
+
+        ``dtype``: the compute and parameter dtype (float32, bfloat16 or float16), or ``"auto"``: bfloat16 on
+        TPU and GPU, float32 on CPU (XLA's CPU backend computes bf16 matmuls in f32, so bf16 only loses there).
+        Norms, softmax, sinusoids and the scheduler run in float32 whatever the dtype.
 
         ``mesh`` (:func:`svd_jax.sharding.make_mesh`): parameters are placed on the mesh as they load (each
         device reads its own slice from the memory-mapped file: replicated, or split over all devices with
@@ -107,6 +129,7 @@ class StableVideoDiffusionPipeline:
         ``attention``: the attention backend ("auto", "xla", "blockwise", "cudnn", "pallas"; see
         :mod:`svd_jax.models.attention`); ``pipe.attention`` can be changed later (the next call recompiles).
         """
+        dtype = resolve_dtype(dtype, mesh)
         root = _resolve_root(path_or_repo_id, variant, revision, cache_dir, local_files_only)
         index = root / "model_index.json"
         if not index.is_file():

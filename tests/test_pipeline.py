@@ -232,3 +232,19 @@ def test_lower_is_the_program_a_call_runs(pipes):
     assert compiled.cost_analysis()["flops"] > 1e6
     with pytest.raises(ValueError, match="num_frames must be a positive integer"):
         pipe.lower(height=H, width=W, num_frames=0)
+
+
+def test_dtype_auto_and_bad_dtype(pipes, monkeypatch):
+    """dtype="auto" (the default): float32 on CPU, bfloat16 on TPU/GPU; names work; anything else is refused."""
+    from svd_jax.pipeline import resolve_dtype
+
+    _, pipe, folder = pipes
+    assert pipe.dtype == jnp.float32 and jax.default_backend() == "cpu"  # the default, here
+    assert resolve_dtype("bfloat16") == jnp.bfloat16 and resolve_dtype(jnp.float16) == jnp.float16
+    for platform in ("tpu", "gpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda: platform)
+        assert resolve_dtype("auto") == jnp.bfloat16
+    monkeypatch.undo()
+    for bad in ("float64", jnp.int32, "half-precision"):
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            StableVideoDiffusionPipeline.from_pretrained(folder, dtype=bad)
