@@ -3,6 +3,10 @@
 Prints the median forward time of each, their ratio, the Flax compile time and the relative error.
 
     python benchmarks/unet_vs_diffusers.py [--batch 2 --frames 4 --height 16 --width 32 --repeats 5]
+                                           [--torch-compile]
+
+``--torch-compile`` adds diffusers under ``torch.compile`` (inductor, C++ codegen: needs a C++ compiler; its
+compile time is printed too).
 
 Needs the [test] extra (torch, diffusers) and ~14 GB of RAM (two fp32 copies of the 1.5 B weights).
 
@@ -48,6 +52,7 @@ def main():
     ap.add_argument("--width", type=int, default=32, help="latent width")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ynn", action="store_true", help="keep XLA's default CPU YNNPACK fusions")
+    ap.add_argument("--torch-compile", action="store_true", help="also time diffusers under torch.compile")
     args = ap.parse_args()
     b, f, h, w = args.batch, args.frames, args.height, args.width
 
@@ -77,6 +82,19 @@ def main():
 
     ref = run_torch()  # warm-up
     t_torch, _ = _median_time(run_torch, args.repeats)
+    t_tc = None
+    if args.torch_compile:
+        compiled_model = torch.compile(model)
+
+        def run_tc():
+            with torch.no_grad():
+                return compiled_model(xt, tt, et, it).sample
+
+        t0 = time.perf_counter()
+        ref_tc = run_tc()
+        t_tc_compile = time.perf_counter() - t0
+        t_tc, _ = _median_time(run_tc, args.repeats)
+        err_tc = float((ref_tc - ref).abs().max() / ref.abs().max())
 
     fwd = jax.jit(lambda p, *a: module.apply({"params": p}, *a).sample)
     xs, es, is_, ts = map(jnp.asarray, (x, ehs, ids, t))
@@ -92,8 +110,13 @@ def main():
           f"{jax.devices()[0].platform}), B={b} F={f} latent {h}x{w}, median of {args.repeats}")
     print(f"  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"  diffusers eager : {t_torch * 1e3:9.1f} ms")
+    if t_tc is not None:
+        print(f"  diffusers torch.compile: {t_tc * 1e3:9.1f} ms   (compile {t_tc_compile:.1f} s, "
+              f"rel. max diff to eager {err_tc:.1e})")
     print(f"  svd-jax jitted  : {t_jax * 1e3:9.1f} ms   (compile {t_compile:.1f} s)")
     print(f"  speed-up        : {t_torch / t_jax:9.2f}x  (diffusers time / svd-jax time)")
+    if t_tc is not None:
+        print(f"  vs torch.compile: {t_tc / t_jax:9.2f}x")
     print(f"  rel. max error  : {err:.2e}")
 
 
