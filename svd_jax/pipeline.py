@@ -33,6 +33,7 @@ from . import preprocessing as pre
 from .compile_cache import enable_compile_cache
 from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
 from .models.attention import IMPLEMENTATIONS, attention_backend
+from .models.vae import decode_streamed
 from .scheduler import EulerScheduler, scale_model_input, step
 from .sharding import Partitioner
 from .weights import CheckpointError
@@ -65,6 +66,9 @@ def _resolve_root(path_or_repo, variant, revision, cache_dir, local_files_only) 
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# One device: decode chunks whose full-resolution activations (chunk x H x W x the decoder's last channels) would
+# exceed this are decoded streamed (frame chunks / row tiles, models/vae.py decode_streamed): the same video.
+STREAM_DECODE_BYTES = 1 << 30
 
 
 def resolve_dtype(dtype, mesh: Optional[Mesh] = None) -> jnp.dtype:
@@ -236,15 +240,23 @@ class StableVideoDiffusionPipeline:
     def _decode(self, vparams, lat, chunk):
         """lat (B, F, h, w, C) -> frames (B, F, H, W, 3) in [0, 1], decoding at most ``chunk`` consecutive frames
         of one video at a time (lax.map), so peak memory is set by the chunk, not by B*F. With a mesh whose data
-        axis (size d) divides B, d videos' chunks decode side by side, one per device group."""
+        axis (size d) divides B, d videos' chunks decode side by side, one per device group. On one device, a
+        chunk whose full-resolution activations would exceed STREAM_DECODE_BYTES is decoded streamed."""
         b, f = lat.shape[:2]
         d = 1 if self.partitioner is None else self.partitioner.data_size
         d = d if b % d == 0 else 1
         z = (lat / self.vae.scaling_factor).astype(self.dtype)
 
+        s = self.vae_scale_factor
+        full_res = chunk * lat.shape[2] * s * lat.shape[3] * s * self.vae.block_out_channels[0]
+        streamed = self.partitioner is None and full_res * jnp.dtype(self.dtype).itemsize > STREAM_DECODE_BYTES
+
         def dec(zc):  # (d, c, h, w, C) -> (d, c, H, W, 3): d videos' chunks of c frames
-            out = self.vae.apply({"params": vparams}, zc.reshape((-1,) + zc.shape[2:]), num_frames=zc.shape[1],
-                                 method="decode")
+            flat = zc.reshape((-1,) + zc.shape[2:])
+            if streamed:  # the same maths, layer by layer in slices (models/vae.py decode_streamed)
+                out = decode_streamed(self.vae, vparams, flat, zc.shape[1])
+            else:
+                out = self.vae.apply({"params": vparams}, flat, num_frames=zc.shape[1], method="decode")
             return out.reshape(zc.shape[:2] + out.shape[1:])
 
         n_full, rest = divmod(f, chunk)

@@ -248,3 +248,19 @@ def test_dtype_auto_and_bad_dtype(pipes, monkeypatch):
     for bad in ("float64", jnp.int32, "half-precision"):
         with pytest.raises(ValueError, match="dtype must be one of"):
             StableVideoDiffusionPipeline.from_pretrained(folder, dtype=bad)
+
+
+def test_streamed_decode_gives_the_same_video(pipes, monkeypatch):
+    """Past STREAM_DECODE_BYTES a decode chunk is decoded streamed (frame chunks, row tiles): the same frames."""
+    import svd_jax.pipeline as P
+
+    _, pipe, folder = pipes
+    kw = dict(height=H, width=W, num_frames=F, num_inference_steps=2, seed=3, output_type="np")
+    ref = pipe(_image(4), **kw).frames
+    monkeypatch.setattr(P, "STREAM_DECODE_BYTES", 0)
+    calls, real = [], P.decode_streamed
+    monkeypatch.setattr(P, "decode_streamed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    streamed = StableVideoDiffusionPipeline.from_pretrained(folder)  # a fresh jit: traced with the new threshold
+    got = streamed(_image(4), **kw).frames
+    assert calls  # the streamed decoder was traced into the program
+    assert np.abs(got - ref).max() <= 1e-5, np.abs(got - ref).max()

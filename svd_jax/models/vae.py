@@ -314,3 +314,121 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
         s = 2 * self.downscale
         x = jax.ShapeDtypeStruct((1, s, s, self.in_channels), self.dtype)
         return jax.eval_shape(lambda r, x: self.init(r, x)["params"], jax.random.PRNGKey(0), x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streamed decode: the same maths as TemporalDecoder, in a fraction of the memory
+# ---------------------------------------------------------------------------------------------------------------
+
+def _divisor_at_most(n: int, target: int) -> int:
+    return max(d for d in range(1, max(1, min(n, target)) + 1) if n % d == 0)
+
+
+def _per_frame(fn, x, frame_chunk: int):
+    """fn over (c, H, W, C) chunks of x (N, H, W, C), one chunk at a time (lax.map): c divides N."""
+    c = _divisor_at_most(x.shape[0], frame_chunk)
+    out = jax.lax.map(fn, x.reshape((x.shape[0] // c, c) + x.shape[1:]))
+    return out.reshape((x.shape[0],) + out.shape[2:])
+
+
+def _group_sum(x, groups: int):
+    """x (B, F, t, W, C) -> float32 sums per (video, channel group), (B, G)."""
+    xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+    return xg.sum(axis=(1, 2, 3, 5))
+
+
+def _group_norm(x, mean, var, p, eps: float, groups: int, dtype):
+    """GroupNorm of x (B, F, t, W, C) with given float32 statistics (B, G), exactly as layers.GroupNorm does."""
+    xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+    m, v = mean[:, None, None, None, :, None], var[:, None, None, None, :, None]
+    y = ((xg - m) * jax.lax.rsqrt(v + eps)).reshape(x.shape)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(dtype)
+
+
+def _temporal_block_tiled(pr, hs, num_frames: int, row_tile: int, dt, pt, groups: int = 32, eps: float = 1e-5):
+    """SpatioTemporalResBlock's temporal half and mixer (decoder settings) on hs (N, H, W, C), in row tiles.
+
+    The temporal resnet's convolutions are (3, 1, 1): each row tile holds every frame, so only its GroupNorms
+    need all rows, and their statistics are summed over the tiles first (two passes, as layers.GroupNorm).
+    """
+    n, H, W, C = hs.shape
+    b = n // num_frames
+    t = _divisor_at_most(H, row_tile)
+    tiles = jnp.moveaxis(hs.reshape(b, num_frames, H // t, t, W, C), 2, 0)  # (nt, B, F, t, W, C)
+    count = num_frames * H * W * (C // groups)
+    p = pr["temporal_res_block"]
+    conv_t = Conv(C, (3, 1, 1), dtype=dt, param_dtype=pt)
+    sum_tiles = lambda fn: jax.lax.map(fn, tiles).sum(axis=0)
+
+    mean1 = sum_tiles(lambda x: _group_sum(x, groups)) / count
+    var1 = sum_tiles(lambda x: _group_sum(jnp.square(x.astype(jnp.float32) - _bcast(mean1, groups, C)), groups)) / count
+
+    def h1(x):
+        return conv_t.apply({"params": p["conv1"]}, nn.silu(_group_norm(x, mean1, var1, p["norm1"], eps, groups, dt)))
+
+    mean2 = sum_tiles(lambda x: _group_sum(h1(x), groups)) / count
+    var2 = sum_tiles(lambda x: _group_sum(jnp.square(h1(x).astype(jnp.float32) - _bcast(mean2, groups, C)),
+                                          groups)) / count
+    alpha = 1.0 - jax.nn.sigmoid(pr["time_mixer"]["mix_factor"].astype(jnp.float32)).reshape(()).astype(dt)
+
+    def out(x):
+        h2 = conv_t.apply({"params": p["conv2"]}, nn.silu(_group_norm(h1(x), mean2, var2, p["norm2"], eps, groups, dt)))
+        return alpha * x + (1.0 - alpha) * (x + h2)  # AlphaBlender, "learned", switched to the temporal side
+
+    o = jnp.moveaxis(jax.lax.map(out, tiles), 0, 2)  # (B, F, nt, t, W, C)
+    return o.reshape(n, H, W, C)
+
+
+def _bcast(stat, groups: int, channels: int):
+    """(B, G) group statistics -> broadcastable against (B, F, t, W, C) as float32 per channel."""
+    return jnp.repeat(stat, channels // groups, axis=-1)[:, None, None, None, :]
+
+
+def decode_streamed(vae: AutoencoderKLTemporalDecoder, params, z, num_frames: int, frame_chunk: int = 1,
+                    row_tile: int = 64):
+    """``vae.decode(z, num_frames)`` computed layer by layer in slices, so that no layer's whole activations and
+    temporaries exist at once: the same maths (up to float summation order), for one device (no mesh).
+
+    Per-frame layers (spatial resnets, each upsampler fused with the next spatial resnet, the output norm and
+    conv) run ``frame_chunk`` frames at a time; temporal resnets and their mixers run in tiles of ``row_tile``
+    rows holding all frames (the GroupNorm statistics, pooled over frames and rows, are summed over the tiles
+    first). The conv_in, the mid block (lowest resolution) and time_conv_out (3 channels) run whole.
+
+    Args:
+      params: the VAE's parameters (``{"encoder": ..., "decoder": ..., ...}``).
+      z: (N, h, w, latent_channels), N = videos x num_frames, b-major.
+    Returns:
+      (N, 8h, 8w, out_channels), as ``decode``.
+    """
+    if z.ndim != 4 or z.shape[0] % num_frames:
+        raise ValueError(f"decode_streamed: z must be (videos x num_frames, h, w, C); got {tuple(z.shape)}")
+    dt, pt = vae.dtype, vae.param_dtype
+    p = params["decoder"]
+    b = z.shape[0] // num_frames
+    ind = jnp.zeros((b, num_frames), dt)
+    chans = list(reversed(vae.block_out_channels))
+    h = Conv(chans[0], (3, 3), dtype=dt, param_dtype=pt).apply({"params": p["conv_in"]}, z.astype(dt))
+    h = MidBlockTemporalDecoder(chans[0], vae.layers_per_block, dt, pt).apply({"params": p["mid_block"]}, h, ind)
+    pending = None  # the previous block's upsampler, run in the same frame chunks as the next spatial resnet
+    for i, ch in enumerate(chans):
+        pb = p[f"up_blocks_{i}"]
+        for j in range(vae.layers_per_block + 1):
+            pr = pb[f"resnets_{j}"]
+            spatial = ResnetBlock2D(ch, 1e-6, use_temb=False, dtype=dt, param_dtype=pt)
+
+            def stage(x, pre=pending, spatial=spatial, ps=pr["spatial_res_block"]):
+                return spatial.apply({"params": ps}, x if pre is None else pre(x))
+
+            pending = None
+            h = _per_frame(stage, h, frame_chunk)
+            h = _temporal_block_tiled(pr, h, num_frames, row_tile, dt, pt)
+        if i < len(chans) - 1:
+            up = Upsample2D(ch, dt, pt)
+            pending = lambda x, up=up, pu=pb["upsamplers_0"]: up.apply({"params": pu}, x)
+    norm = GroupNorm(32, 1e-6, dt, pt)
+    conv_out = Conv(vae.out_channels, (3, 3), dtype=dt, param_dtype=pt)
+    h = _per_frame(lambda x: conv_out.apply({"params": p["conv_out"]},
+                                            nn.silu(norm.apply({"params": p["conv_norm_out"]}, x))), h, frame_chunk)
+    v = h.reshape((b, num_frames) + h.shape[1:])
+    v = Conv(vae.out_channels, (3, 1, 1), dtype=dt, param_dtype=pt).apply({"params": p["time_conv_out"]}, v)
+    return v.reshape(h.shape)
