@@ -325,10 +325,23 @@ def _divisor_at_most(n: int, target: int) -> int:
 
 
 def _per_frame(fn, x, frame_chunk: int):
-    """fn over (c, H, W, C) chunks of x (N, H, W, C), one chunk at a time (lax.map): c divides N."""
+    """fn over (c, H, W, C) chunks of x (N, H, W, C), one chunk at a time: c divides N."""
     c = _divisor_at_most(x.shape[0], frame_chunk)
-    out = jax.lax.map(fn, x.reshape((x.shape[0] // c, c) + x.shape[1:]))
-    return out.reshape((x.shape[0],) + out.shape[2:])
+    chunk = jax.eval_shape(fn, jax.ShapeDtypeStruct((c,) + x.shape[1:], x.dtype))
+    body = lambda i, acc: jax.lax.dynamic_update_slice_in_dim(acc, fn(_slice(x, i * c, c, 0)), i * c, axis=0)
+    return jax.lax.fori_loop(0, x.shape[0] // c, body, _empty_after(x, (x.shape[0],) + chunk.shape[1:], chunk.dtype))
+
+
+def _empty_after(x, shape, dtype):
+    """A buffer of ``shape`` to fill in a loop, computed from x: XLA allocates it once x exists, not at the start
+    of the program (an independent zeros would be scheduled early and stay live through everything before)."""
+    return jnp.zeros(shape, dtype) * x.reshape(-1)[0].astype(dtype)
+
+
+def _slice(x, start, size: int, axis: int):
+    """A dynamic slice of x that XLA may not widen: without the barrier it hoists the slice's float32 conversion
+    (and layout changes) out of the loop, i.e. converts the whole input at once, which is what slicing avoids."""
+    return jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(x, start, size, axis))
 
 
 def _group_sum(x, groups: int):
@@ -354,11 +367,13 @@ def _temporal_block_tiled(pr, hs, num_frames: int, row_tile: int, dt, pt, groups
     n, H, W, C = hs.shape
     b = n // num_frames
     t = _divisor_at_most(H, row_tile)
-    tiles = jnp.moveaxis(hs.reshape(b, num_frames, H // t, t, W, C), 2, 0)  # (nt, B, F, t, W, C)
+    x5 = hs.reshape(b, num_frames, H, W, C)
+    tile = lambda i: _slice(x5, i * t, t, 2)  # (B, F, t, W, C): rows [i t, (i + 1) t) of every frame
+    nt = H // t
     count = num_frames * H * W * (C // groups)
     p = pr["temporal_res_block"]
     conv_t = Conv(C, (3, 1, 1), dtype=dt, param_dtype=pt)
-    sum_tiles = lambda fn: jax.lax.map(fn, tiles).sum(axis=0)
+    sum_tiles = lambda fn: jax.lax.map(lambda i: fn(tile(i)), jnp.arange(nt)).sum(axis=0)
 
     mean1 = sum_tiles(lambda x: _group_sum(x, groups)) / count
     var1 = sum_tiles(lambda x: _group_sum(jnp.square(x.astype(jnp.float32) - _bcast(mean1, groups, C)), groups)) / count
@@ -371,12 +386,13 @@ def _temporal_block_tiled(pr, hs, num_frames: int, row_tile: int, dt, pt, groups
                                           groups)) / count
     alpha = 1.0 - jax.nn.sigmoid(pr["time_mixer"]["mix_factor"].astype(jnp.float32)).reshape(()).astype(dt)
 
-    def out(x):
+    def out(i, acc):
+        x = tile(i)
         h2 = conv_t.apply({"params": p["conv2"]}, nn.silu(_group_norm(h1(x), mean2, var2, p["norm2"], eps, groups, dt)))
-        return alpha * x + (1.0 - alpha) * (x + h2)  # AlphaBlender, "learned", switched to the temporal side
+        mixed = alpha * x + (1.0 - alpha) * (x + h2)  # AlphaBlender, "learned", switched to the temporal side
+        return jax.lax.dynamic_update_slice_in_dim(acc, mixed, i * t, axis=2)
 
-    o = jnp.moveaxis(jax.lax.map(out, tiles), 0, 2)  # (B, F, nt, t, W, C)
-    return o.reshape(n, H, W, C)
+    return jax.lax.fori_loop(0, nt, out, _empty_after(x5, x5.shape, x5.dtype)).reshape(n, H, W, C)
 
 
 def _bcast(stat, groups: int, channels: int):
