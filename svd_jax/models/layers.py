@@ -22,6 +22,24 @@ from .attention import dot_product_attention
 Dtype = Any
 
 
+def map_chunks(fn, x, axis: int, size: int):
+    """``fn`` over consecutive slices of ``size`` along ``axis`` of x, one slice at a time: the results are
+    written into one output buffer in a loop. ``size`` divides ``x.shape[axis]``; ``fn`` keeps the slice's
+    length along ``axis`` (other axes may change). Same values as ``fn(x)`` for a slice-wise ``fn``.
+
+    Written for XLA's memory planning: each slice is cut behind an optimization barrier (else XLA hoists the
+    slice's float32 conversion, i.e. converts the whole input at once), and the output buffer is computed from
+    x (an independent zeros would be allocated at the start of the program and live through it).
+    """
+    n = x.shape[axis] // size
+    piece = lambda i: jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(x, i * size, size, axis))
+    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape[:axis] + (size,) + x.shape[axis + 1:], x.dtype))
+    shape = out.shape[:axis] + (x.shape[axis],) + out.shape[axis + 1:]
+    buf = jnp.zeros(shape, out.dtype) * x.reshape(-1)[0].astype(out.dtype)
+    body = lambda i, acc: jax.lax.dynamic_update_slice_in_dim(acc, fn(piece(i)), i * size, axis)
+    return jax.lax.fori_loop(0, n, body, buf)
+
+
 class GroupNorm(nn.Module):
     """torch.nn.GroupNorm over channels-last input, statistics in float32 (two-pass variance).
 
@@ -422,7 +440,7 @@ class FeedForward(nn.Module):
     """diffusers FeedForward with GEGLU (params ``net_0/proj``, ``net_2``): x -> net_2(a * gelu_erf(g)).
 
     ``chunk_size``/``chunk_dim``: compute the position-wise FF over slices of ``chunk_size`` along axis
-    ``chunk_dim`` inside a loop (``lax.map``), as diffusers' forward chunking; identical results, less memory.
+    ``chunk_dim`` in a loop (:func:`map_chunks`), as diffusers' forward chunking; identical results, less memory.
     x (..., dim) -> (..., dim_out or dim).
     """
 
@@ -451,7 +469,4 @@ class FeedForward(nn.Module):
         ax, n = self.chunk_dim, x.shape[self.chunk_dim]
         if n % self.chunk_size:
             raise ValueError(f"forward chunking: axis {ax} of length {n} is not divisible by chunk_size {self.chunk_size}")
-        xs = jnp.moveaxis(x, ax, 0)
-        xs = xs.reshape((n // self.chunk_size, self.chunk_size) + xs.shape[1:])
-        ys = jax.lax.map(ff, xs)
-        return jnp.moveaxis(ys.reshape((n,) + ys.shape[2:]), 0, ax)
+        return map_chunks(ff, x, ax, self.chunk_size)

@@ -25,6 +25,7 @@ from .layers import (
     SpatioTemporalResBlock,
     Upsample2D,
     conv,
+    map_chunks,
     to_tokens,
 )
 
@@ -326,22 +327,7 @@ def _divisor_at_most(n: int, target: int) -> int:
 
 def _per_frame(fn, x, frame_chunk: int):
     """fn over (c, H, W, C) chunks of x (N, H, W, C), one chunk at a time: c divides N."""
-    c = _divisor_at_most(x.shape[0], frame_chunk)
-    chunk = jax.eval_shape(fn, jax.ShapeDtypeStruct((c,) + x.shape[1:], x.dtype))
-    body = lambda i, acc: jax.lax.dynamic_update_slice_in_dim(acc, fn(_slice(x, i * c, c, 0)), i * c, axis=0)
-    return jax.lax.fori_loop(0, x.shape[0] // c, body, _empty_after(x, (x.shape[0],) + chunk.shape[1:], chunk.dtype))
-
-
-def _empty_after(x, shape, dtype):
-    """A buffer of ``shape`` to fill in a loop, computed from x: XLA allocates it once x exists, not at the start
-    of the program (an independent zeros would be scheduled early and stay live through everything before)."""
-    return jnp.zeros(shape, dtype) * x.reshape(-1)[0].astype(dtype)
-
-
-def _slice(x, start, size: int, axis: int):
-    """A dynamic slice of x that XLA may not widen: without the barrier it hoists the slice's float32 conversion
-    (and layout changes) out of the loop, i.e. converts the whole input at once, which is what slicing avoids."""
-    return jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(x, start, size, axis))
+    return map_chunks(fn, x, 0, _divisor_at_most(x.shape[0], frame_chunk))
 
 
 def _group_sum(x, groups: int):
@@ -368,7 +354,8 @@ def _temporal_block_tiled(pr, hs, num_frames: int, row_tile: int, dt, pt, groups
     b = n // num_frames
     t = _divisor_at_most(H, row_tile)
     x5 = hs.reshape(b, num_frames, H, W, C)
-    tile = lambda i: _slice(x5, i * t, t, 2)  # (B, F, t, W, C): rows [i t, (i + 1) t) of every frame
+    # (B, F, t, W, C): rows [i t, (i + 1) t) of every frame, behind a barrier (see layers.map_chunks)
+    tile = lambda i: jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(x5, i * t, t, 2))
     nt = H // t
     count = num_frames * H * W * (C // groups)
     p = pr["temporal_res_block"]
@@ -392,7 +379,8 @@ def _temporal_block_tiled(pr, hs, num_frames: int, row_tile: int, dt, pt, groups
         mixed = alpha * x + (1.0 - alpha) * (x + h2)  # AlphaBlender, "learned", switched to the temporal side
         return jax.lax.dynamic_update_slice_in_dim(acc, mixed, i * t, axis=2)
 
-    return jax.lax.fori_loop(0, nt, out, _empty_after(x5, x5.shape, x5.dtype)).reshape(n, H, W, C)
+    buf = jnp.zeros_like(x5) * x5.reshape(-1)[0]  # computed from x5: allocated when needed (layers.map_chunks)
+    return jax.lax.fori_loop(0, nt, out, buf).reshape(n, H, W, C)
 
 
 def _bcast(stat, groups: int, channels: int):
