@@ -59,16 +59,21 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        xf = x.astype(jnp.float32)
         # Only the channel axis is split into groups: merging the spatial axes would merge a device-split axis
         # into another one, which XLA's partitioner can only do by gathering.
-        xg = xf.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+        xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
         axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
         mean = xg.mean(axis=axes, keepdims=True)
         var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        return group_normalize(x, mean, var, scale, bias, self.epsilon, self.dtype)
+
+
+def group_normalize(x, mean, var, scale, bias, eps: float, dtype):
+    """GroupNorm's affine normalisation of x (N, ..., C) given float32 group statistics ``mean``, ``var`` of shape
+    broadcastable to (N, ..., G, C/G); the result in ``dtype``."""
+    xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (mean.shape[-2], x.shape[-1] // mean.shape[-2]))
+    y = ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
 
 class LayerNorm(nn.Module):

@@ -25,6 +25,7 @@ from .layers import (
     SpatioTemporalResBlock,
     Upsample2D,
     conv,
+    group_normalize,
     map_chunks,
     to_tokens,
 )
@@ -336,12 +337,10 @@ def _group_sum(x, groups: int):
     return xg.sum(axis=(1, 2, 3, 5))
 
 
-def _group_norm(x, mean, var, p, eps: float, groups: int, dtype):
-    """GroupNorm of x (B, F, t, W, C) with given float32 statistics (B, G), exactly as layers.GroupNorm does."""
-    xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
-    m, v = mean[:, None, None, None, :, None], var[:, None, None, None, :, None]
-    y = ((xg - m) * jax.lax.rsqrt(v + eps)).reshape(x.shape)
-    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(dtype)
+def _group_norm(x, mean, var, p, eps: float, dtype):
+    """GroupNorm of x (B, F, t, W, C) with float32 statistics (B, G) taken over all of a video's rows."""
+    return group_normalize(x, mean[:, None, None, None, :, None], var[:, None, None, None, :, None], p["scale"],
+                           p["bias"], eps, dtype)
 
 
 def _temporal_block_tiled(pr, hs, num_frames: int, row_tile: int, dt, pt, groups: int = 32, eps: float = 1e-5):
@@ -366,21 +365,18 @@ def _temporal_block_tiled(pr, hs, num_frames: int, row_tile: int, dt, pt, groups
     var1 = sum_tiles(lambda x: _group_sum(jnp.square(x.astype(jnp.float32) - _bcast(mean1, groups, C)), groups)) / count
 
     def h1(x):
-        return conv_t.apply({"params": p["conv1"]}, nn.silu(_group_norm(x, mean1, var1, p["norm1"], eps, groups, dt)))
+        return conv_t.apply({"params": p["conv1"]}, nn.silu(_group_norm(x, mean1, var1, p["norm1"], eps, dt)))
 
     mean2 = sum_tiles(lambda x: _group_sum(h1(x), groups)) / count
     var2 = sum_tiles(lambda x: _group_sum(jnp.square(h1(x).astype(jnp.float32) - _bcast(mean2, groups, C)),
                                           groups)) / count
     alpha = 1.0 - jax.nn.sigmoid(pr["time_mixer"]["mix_factor"].astype(jnp.float32)).reshape(()).astype(dt)
 
-    def out(i, acc):
-        x = tile(i)
-        h2 = conv_t.apply({"params": p["conv2"]}, nn.silu(_group_norm(h1(x), mean2, var2, p["norm2"], eps, groups, dt)))
-        mixed = alpha * x + (1.0 - alpha) * (x + h2)  # AlphaBlender, "learned", switched to the temporal side
-        return jax.lax.dynamic_update_slice_in_dim(acc, mixed, i * t, axis=2)
+    def out(x):
+        h2 = conv_t.apply({"params": p["conv2"]}, nn.silu(_group_norm(h1(x), mean2, var2, p["norm2"], eps, dt)))
+        return alpha * x + (1.0 - alpha) * (x + h2)  # AlphaBlender, "learned", switched to the temporal side
 
-    buf = jnp.zeros_like(x5) * x5.reshape(-1)[0]  # computed from x5: allocated when needed (layers.map_chunks)
-    return jax.lax.fori_loop(0, nt, out, buf).reshape(n, H, W, C)
+    return map_chunks(out, x5, 2, t).reshape(n, H, W, C)
 
 
 def _bcast(stat, groups: int, channels: int):
