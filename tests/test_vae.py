@@ -94,12 +94,13 @@ def test_bad_inputs(loaded):
         module.apply(v, jnp.zeros((2, 2, 2, 4)), num_frames=0, method="decode")
 
 
-@pytest.mark.parametrize("name,num_frames,frame_chunk,row_tile", [
-    ("svd_like", 3, 2, 4),    # 2 videos: frame chunks straddle videos, several row tiles at every level
-    ("lpb3", 4, 1, 8),        # 3 resnets per up block; one frame at a time
-    ("attn_lpb1", 2, 4, 16),  # 1-layer blocks; the whole batch in one chunk, one tile at the low levels
+@pytest.mark.parametrize("name,num_frames,frame_chunk,row_tile,slice_bytes", [
+    ("svd_like", 3, 2, 4, None),    # 2 videos: frame chunks straddle videos, several row tiles at every level
+    ("lpb3", 4, 1, 8, None),        # 3 resnets per up block; one frame at a time
+    ("attn_lpb1", 2, 4, 16, None),  # 1-layer blocks; the whole batch in one chunk, one tile at the low levels
+    ("svd_like", 5, None, None, 60_000),  # sizes from a byte budget: fewer, larger slices at the low levels
 ])
-def test_streamed_decode_equals_decode(loaded, name, num_frames, frame_chunk, row_tile):
+def test_streamed_decode_equals_decode(loaded, name, num_frames, frame_chunk, row_tile, slice_bytes):
     """decode_streamed (per-frame layers in frame chunks, temporal resnets in row tiles with their GroupNorm
     statistics summed over the tiles) equals the module's decode."""
     from svd_jax.models.vae import decode_streamed
@@ -107,6 +108,7 @@ def test_streamed_decode_equals_decode(loaded, name, num_frames, frame_chunk, ro
     vae, params = loaded[name]
     z = np.random.default_rng(1).normal(size=(2 * num_frames, 8, 6, vae.latent_channels)).astype(np.float32)
     ref = vae.apply({"params": params}, z, num_frames=num_frames, method="decode")
-    got = jax.jit(lambda p, z: decode_streamed(vae, p, z, num_frames, frame_chunk, row_tile))(params, z)
+    kw = {} if slice_bytes is None else dict(slice_bytes=slice_bytes)
+    got = jax.jit(lambda p, z: decode_streamed(vae, p, z, num_frames, frame_chunk, row_tile, **kw))(params, z)
     assert got.shape == ref.shape
     assert rel_err(got, ref) <= 1e-5, rel_err(got, ref)

@@ -8,6 +8,7 @@ frames) mixed by a learned AlphaBlender in the decoder's direction, and ends wit
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import flax
@@ -326,8 +327,13 @@ def _divisor_at_most(n: int, target: int) -> int:
     return max(d for d in range(1, max(1, min(n, target)) + 1) if n % d == 0)
 
 
-def _per_frame(fn, x, frame_chunk: int):
-    """fn over (c, H, W, C) chunks of x (N, H, W, C), one chunk at a time: c divides N."""
+def _per_frame(fn, x, frame_chunk: Optional[int], slice_bytes: int):
+    """fn over (c, H, W, C) chunks of x (N, H, W, C), one chunk at a time: c divides N, c = frame_chunk or the
+    most frames whose input and output each stay within slice_bytes."""
+    if frame_chunk is None:
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype))
+        per_frame = max(math.prod(x.shape[1:]) * x.dtype.itemsize, out.size * out.dtype.itemsize)
+        frame_chunk = max(1, slice_bytes // per_frame)
     return map_chunks(fn, x, 0, _divisor_at_most(x.shape[0], frame_chunk))
 
 
@@ -343,14 +349,18 @@ def _group_norm(x, mean, var, p, eps: float, dtype):
                            p["bias"], eps, dtype)
 
 
-def _temporal_block_tiled(pr, hs, num_frames: int, row_tile: int, dt, pt, groups: int = 32, eps: float = 1e-5):
+def _temporal_block_tiled(pr, hs, num_frames: int, row_tile: Optional[int], slice_bytes: int, dt, pt,
+                          groups: int = 32, eps: float = 1e-5):
     """SpatioTemporalResBlock's temporal half and mixer (decoder settings) on hs (N, H, W, C), in row tiles.
 
     The temporal resnet's convolutions are (3, 1, 1): each row tile holds every frame, so only its GroupNorms
     need all rows, and their statistics are summed over the tiles first (two passes, as layers.GroupNorm).
+    Tiles of ``row_tile`` rows, or of the most rows that stay within ``slice_bytes``.
     """
     n, H, W, C = hs.shape
     b = n // num_frames
+    if row_tile is None:
+        row_tile = max(1, slice_bytes // (n * W * C * hs.dtype.itemsize))
     t = _divisor_at_most(H, row_tile)
     x5 = hs.reshape(b, num_frames, H, W, C)
     # (B, F, t, W, C): rows [i t, (i + 1) t) of every frame, behind a barrier (see layers.map_chunks)
@@ -384,15 +394,21 @@ def _bcast(stat, groups: int, channels: int):
     return jnp.repeat(stat, channels // groups, axis=-1)[:, None, None, None, :]
 
 
-def decode_streamed(vae: AutoencoderKLTemporalDecoder, params, z, num_frames: int, frame_chunk: int = 1,
-                    row_tile: int = 64):
+SLICE_BYTES = 256 * 2**20  # decode_streamed's default slice size (input or output of one step)
+
+
+def decode_streamed(vae: AutoencoderKLTemporalDecoder, params, z, num_frames: int,
+                    frame_chunk: Optional[int] = None, row_tile: Optional[int] = None,
+                    slice_bytes: int = SLICE_BYTES):
     """``vae.decode(z, num_frames)`` computed layer by layer in slices, so that no layer's whole activations and
     temporaries exist at once: the same maths (up to float summation order), for one device (no mesh).
 
     Per-frame layers (spatial resnets, each upsampler fused with the next spatial resnet, the output norm and
     conv) run ``frame_chunk`` frames at a time; temporal resnets and their mixers run in tiles of ``row_tile``
     rows holding all frames (the GroupNorm statistics, pooled over frames and rows, are summed over the tiles
-    first). The conv_in, the mid block (lowest resolution) and time_conv_out (3 channels) run whole.
+    first). By default both are as large as ``slice_bytes`` allows at each resolution (SVD-XT, bf16: one
+    full-resolution frame, all 25 frames at the lowest level), so small levels run in few steps. The conv_in,
+    the mid block (lowest resolution) and time_conv_out (3 channels) run whole.
 
     Args:
       params: the VAE's parameters (``{"encoder": ..., "decoder": ..., ...}``).
@@ -420,15 +436,16 @@ def decode_streamed(vae: AutoencoderKLTemporalDecoder, params, z, num_frames: in
                 return spatial.apply({"params": ps}, x if pre is None else pre(x))
 
             pending = None
-            h = _per_frame(stage, h, frame_chunk)
-            h = _temporal_block_tiled(pr, h, num_frames, row_tile, dt, pt)
+            h = _per_frame(stage, h, frame_chunk, slice_bytes)
+            h = _temporal_block_tiled(pr, h, num_frames, row_tile, slice_bytes, dt, pt)
         if i < len(chans) - 1:
             up = Upsample2D(ch, dt, pt)
             pending = lambda x, up=up, pu=pb["upsamplers_0"]: up.apply({"params": pu}, x)
     norm = GroupNorm(32, 1e-6, dt, pt)
     conv_out = Conv(vae.out_channels, (3, 3), dtype=dt, param_dtype=pt)
     h = _per_frame(lambda x: conv_out.apply({"params": p["conv_out"]},
-                                            nn.silu(norm.apply({"params": p["conv_norm_out"]}, x))), h, frame_chunk)
+                                            nn.silu(norm.apply({"params": p["conv_norm_out"]}, x))), h, frame_chunk,
+                   slice_bytes)
     v = h.reshape((b, num_frames) + h.shape[1:])
     v = Conv(vae.out_channels, (3, 1, 1), dtype=dt, param_dtype=pt).apply({"params": p["time_conv_out"]}, v)
     return v.reshape(h.shape)
