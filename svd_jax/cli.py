@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from .weights import FLAX_DTYPES
+
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 
 
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hub repo id or local diffusers-layout folder (default: $SVD_JAX_MODEL or %(default)s)")
     g.add_argument("--variant", default="auto",
                    help='weights variant: "fp16", "none", or "auto" (fp16 for the default hub model, else none)')
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    g.add_argument("--dtype", default="auto", choices=["auto", *FLAX_DTYPES],
                    help="compute dtype (default auto: bfloat16 on TPU/GPU, float32 on CPU)")
     g.add_argument("--height", type=int, default=576)
     g.add_argument("--width", type=int, default=1024)

@@ -36,7 +36,7 @@ from .models.attention import IMPLEMENTATIONS, attention_backend
 from .models.vae import decode_streamed
 from .scheduler import EulerScheduler, scale_model_input, step
 from .sharding import Partitioner
-from .weights import CheckpointError
+from .weights import FLAX_DTYPES, CheckpointError
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 COMPONENTS = ("unet", "vae", "image_encoder", "scheduler")
@@ -65,7 +65,6 @@ def _resolve_root(path_or_repo, variant, revision, cache_dir, local_files_only) 
                                   cache_dir=cache_dir, local_files_only=local_files_only))
 
 
-DTYPES = ("float32", "bfloat16", "float16")
 # One device: decode chunks whose full-resolution activations (chunk x H x W x the decoder's last channels) would
 # exceed this are decoded streamed (frame chunks / row tiles, models/vae.py decode_streamed): the same video.
 STREAM_DECODE_BYTES = 1 << 30
@@ -81,8 +80,8 @@ def resolve_dtype(dtype, mesh: Optional[Mesh] = None) -> jnp.dtype:
         dt = jnp.dtype(dtype)
     except TypeError:
         dt = None
-    if dt is None or dt.name not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES} or 'auto'; got {dtype!r}")
+    if dt is None or dt.name not in FLAX_DTYPES:
+        raise ValueError(f"dtype must be one of {FLAX_DTYPES} or 'auto'; got {dtype!r}")
     return dt
 
 

@@ -22,17 +22,22 @@ from .attention import dot_product_attention
 Dtype = Any
 
 
+def barrier_slice(x, start, size: int, axis: int):
+    """``x[start:start + size]`` along ``axis`` (dynamic start), behind an optimization barrier: in a loop, XLA
+    would otherwise hoist the slice's float32 conversion out of it, i.e. convert the whole input at once."""
+    return jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(x, start, size, axis))
+
+
 def map_chunks(fn, x, axis: int, size: int):
     """``fn`` over consecutive slices of ``size`` along ``axis`` of x, one slice at a time: the results are
     written into one output buffer in a loop. ``size`` divides ``x.shape[axis]``; ``fn`` keeps the slice's
     length along ``axis`` (other axes may change). Same values as ``fn(x)`` for a slice-wise ``fn``.
 
-    Written for XLA's memory planning: each slice is cut behind an optimization barrier (else XLA hoists the
-    slice's float32 conversion, i.e. converts the whole input at once), and the output buffer is computed from
-    x (an independent zeros would be allocated at the start of the program and live through it).
+    Written for XLA's memory planning: each slice is a :func:`barrier_slice`, and the output buffer is computed
+    from x (an independent zeros would be allocated at the start of the program and live through it).
     """
     n = x.shape[axis] // size
-    piece = lambda i: jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(x, i * size, size, axis))
+    piece = lambda i: barrier_slice(x, i * size, size, axis)
     out = jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape[:axis] + (size,) + x.shape[axis + 1:], x.dtype))
     shape = out.shape[:axis] + (x.shape[axis],) + out.shape[axis + 1:]
     buf = jnp.zeros(shape, out.dtype) * x.reshape(-1)[0].astype(out.dtype)

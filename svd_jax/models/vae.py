@@ -25,6 +25,7 @@ from .layers import (
     ResnetBlock2D,
     SpatioTemporalResBlock,
     Upsample2D,
+    barrier_slice,
     conv,
     group_normalize,
     map_chunks,
@@ -363,8 +364,7 @@ def _temporal_block_tiled(pr, hs, num_frames: int, row_tile: Optional[int], slic
         row_tile = max(1, slice_bytes // (n * W * C * hs.dtype.itemsize))
     t = _divisor_at_most(H, row_tile)
     x5 = hs.reshape(b, num_frames, H, W, C)
-    # (B, F, t, W, C): rows [i t, (i + 1) t) of every frame, behind a barrier (see layers.map_chunks)
-    tile = lambda i: jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(x5, i * t, t, 2))
+    tile = lambda i: barrier_slice(x5, i * t, t, 2)  # (B, F, t, W, C): rows [i t, (i + 1) t) of every frame
     nt = H // t
     count = num_frames * H * W * (C // groups)
     p = pr["temporal_res_block"]
