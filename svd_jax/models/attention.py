@@ -47,6 +47,11 @@ def sharded_trace():
         _SHARDED.reset(token)
 
 
+def is_sharded_trace() -> bool:
+    """Whether the current trace is marked sharded (:func:`sharded_trace`)."""
+    return _SHARDED.get()
+
+
 @contextlib.contextmanager
 def attention_backend(name: str):
     """Within the context (while tracing), attention calls without an explicit ``implementation`` use

@@ -17,15 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import dot_product_attention
+from .attention import dot_product_attention, is_sharded_trace
 
 Dtype = Any
 
 
 def barrier_slice(x, start, size: int, axis: int):
     """``x[start:start + size]`` along ``axis`` (dynamic start), behind an optimization barrier: in a loop, XLA
-    would otherwise hoist the slice's float32 conversion out of it, i.e. convert the whole input at once."""
-    return jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(x, start, size, axis))
+    would otherwise hoist the slice's float32 conversion out of it, i.e. convert the whole input at once.
+    The barrier ties x to the (loop-varying) start: a barrier around the slice alone does not stop the hoist."""
+    x, start = jax.lax.optimization_barrier((x, start))
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
 def map_chunks(fn, x, axis: int, size: int):
@@ -33,15 +35,22 @@ def map_chunks(fn, x, axis: int, size: int):
     written into one output buffer in a loop. ``size`` divides ``x.shape[axis]``; ``fn`` keeps the slice's
     length along ``axis`` (other axes may change). Same values as ``fn(x)`` for a slice-wise ``fn``.
 
-    Written for XLA's memory planning: each slice is a :func:`barrier_slice`, and the output buffer is computed
-    from x (an independent zeros would be allocated at the start of the program and live through it).
+    Written for XLA's memory planning: each slice is a :func:`barrier_slice`. When ``fn`` keeps the slice's
+    shape and dtype, results overwrite x's slices in place (each read before it is written; XLA copies x first
+    only if x is used later). Otherwise the output buffer is computed from x (an independent zeros would be
+    allocated at the start of the program and live through it).
     """
     n = x.shape[axis] // size
+    piece_shape = x.shape[:axis] + (size,) + x.shape[axis + 1:]
+    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(piece_shape, x.dtype))
+    put = lambda acc, i, y: jax.lax.dynamic_update_slice_in_dim(acc, y, i * size, axis)
+    if out.shape == piece_shape and out.dtype == x.dtype:
+        body = lambda i, acc: put(acc, i, fn(barrier_slice(acc, i * size, size, axis)))
+        return jax.lax.fori_loop(0, n, body, x)
     piece = lambda i: barrier_slice(x, i * size, size, axis)
-    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape[:axis] + (size,) + x.shape[axis + 1:], x.dtype))
     shape = out.shape[:axis] + (x.shape[axis],) + out.shape[axis + 1:]
     buf = jnp.zeros(shape, out.dtype) * x.reshape(-1)[0].astype(out.dtype)
-    body = lambda i, acc: jax.lax.dynamic_update_slice_in_dim(acc, fn(piece(i)), i * size, axis)
+    body = lambda i, acc: put(acc, i, fn(piece(i)))
     return jax.lax.fori_loop(0, n, body, buf)
 
 
@@ -154,6 +163,11 @@ class Conv(nn.Module):
         if hook is not None:
             kernel = hook(kernel)
         x = x.astype(self.dtype)
+        if kernel.dtype != jnp.float32 and jax.default_backend() == "cpu":
+            # XLA:CPU convolves in float32: its kernel copy depends on the weights alone, so it would be made
+            # at the start of the program (hoisted out of the denoising loop): 2x the UNet's weights in f32.
+            # Tied to the input, each copy is made when its layer runs.
+            kernel, x = jax.lax.optimization_barrier((kernel, x))
         spatial_out = [(n + lo + hi - kk) // s + 1 for n, (lo, hi), kk, s in zip(x.shape[1:-1], pad, k, strides)]
         if all(s == 1 for s in strides) and np.prod(spatial_out) <= SMALL_CONV_PIXELS:
             xp = jnp.pad(x, ((0, 0),) + tuple(pad) + ((0, 0),))
@@ -172,6 +186,21 @@ def conv(features: int, kernel, name: str, dtype: Dtype, param_dtype: Dtype, *, 
          use_bias: bool = True) -> Conv:
     """torch.nn.Conv2d/3d with explicit padding (default: 'same' for odd kernels, symmetric)."""
     return Conv(features, tuple(kernel), strides, padding, use_bias, dtype, param_dtype, name=name)
+
+
+def _auto_chunked(ff, x, row_bytes: int):
+    """ff (position-wise) over x (..., C), in row slices of at most the budget's worth of ``row_bytes`` rows."""
+    budget = _FF_BUDGET.get()
+    rows = int(np.prod(x.shape[:-1]))
+    if budget is None or is_sharded_trace() or rows * row_bytes <= budget:
+        return ff(x)
+    n = -(-rows * row_bytes // budget)  # slices
+    size = -(-rows // n)
+    flat = x.reshape(rows, x.shape[-1])
+    if n * size != rows:  # pad to whole slices (zero rows, dropped after)
+        flat = jnp.pad(flat, ((0, n * size - rows), (0, 0)))
+    y = map_chunks(ff, flat, 0, size)
+    return y[:rows].reshape(x.shape[:-1] + y.shape[-1:])
 
 
 class Attention(nn.Module):
@@ -446,11 +475,31 @@ class _GEGLUParams(nn.Module):
         return _DenseParams(self.in_features, 2 * self.inner, self.param_dtype, name="proj")()
 
 
+FF_CHUNK_BYTES = 256 * 2**20  # automatic forward chunking: the most one feed-forward's hidden layer may take
+_FF_BUDGET: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("svd_jax_ff_budget", default=FF_CHUNK_BYTES)
+
+
+@contextlib.contextmanager
+def forward_chunk_budget(max_bytes: Optional[int]):
+    """Within the context (while tracing), feed-forwards without an explicit ``chunk_size`` run in row slices
+    whose hidden layer (float32 GEGLU projection) stays within ``max_bytes``; ``None``: never sliced."""
+    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
+        raise ValueError(f"forward chunk budget must be a positive number of bytes or None, not {max_bytes!r}")
+    token = _FF_BUDGET.set(max_bytes)
+    try:
+        yield
+    finally:
+        _FF_BUDGET.reset(token)
+
+
 class FeedForward(nn.Module):
     """diffusers FeedForward with GEGLU (params ``net_0/proj``, ``net_2``): x -> net_2(a * gelu_erf(g)).
 
     ``chunk_size``/``chunk_dim``: compute the position-wise FF over slices of ``chunk_size`` along axis
     ``chunk_dim`` in a loop (:func:`map_chunks`), as diffusers' forward chunking; identical results, less memory.
+    Without ``chunk_size``, a FF whose float32 hidden layer (rows x 2 inner) exceeds the budget
+    (:func:`forward_chunk_budget`, default ``FF_CHUNK_BYTES``) runs over slices of its rows (all leading axes
+    flattened), except in a sharded trace, where slicing a split axis would gather it.
     x (..., dim) -> (..., dim_out or dim).
     """
 
@@ -475,7 +524,7 @@ class FeedForward(nn.Module):
             return jnp.dot(a * jax.nn.gelu(g, approximate=False), k2) + b2
 
         if self.chunk_size is None:
-            return ff(x)
+            return _auto_chunked(ff, x, 2 * inner * 4)
         ax, n = self.chunk_dim, x.shape[self.chunk_dim]
         if n % self.chunk_size:
             raise ValueError(f"forward chunking: axis {ax} of length {n} is not divisible by chunk_size {self.chunk_size}")
