@@ -6,19 +6,22 @@ shapes (no weights, nothing allocated): for several decode_chunk_size values and
 Peak = arguments (weights + inputs) + outputs + temporaries - aliased, from XLA's memory_analysis() of this
 machine's backend (CPU here; a TPU/GPU compile schedules differently, so treat the numbers as the program's
 needs as XLA CPU lays it out). SVD-XT: 25 frames 576x1024, CFG, 25 steps.
+
+On CPU, ``--cpu-scheduler memory`` (the default) compiles with XLA:CPU's memory-minimising scheduler
+(``--xla_cpu_enable_concurrency_optimized_scheduler=false``): XLA:CPU's own default starts independent work
+early so that its threads have more to run in parallel, which holds more buffers at once; a TPU or GPU compile
+schedules to fit its memory. ``--cpu-scheduler concurrency`` measures with XLA:CPU's default. The flag can only
+be set before jax starts (it is an XLA_FLAGS entry; per-compile options do not reach the scheduler).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import jax
-import jax.numpy as jnp
-
-from svd_jax.configs import abstract_pipeline
-
 GIB = 2**30
+CPU_MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def peak_bytes(compiled) -> int:
@@ -35,10 +38,21 @@ def main():
     ap.add_argument("--height", type=int, default=576)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--cpu-scheduler", choices=("memory", "concurrency"), default="memory",
+                    help="XLA:CPU's scheduler: memory-minimising, or its default (concurrency-optimised)")
     args = ap.parse_args()
+    if args.cpu_scheduler == "memory":  # before jax reads XLA_FLAGS
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_MEMORY_SCHEDULER}".strip()
+    import jax
+    import jax.numpy as jnp
+
+    from svd_jax.configs import abstract_pipeline
+
     dt = getattr(jnp, args.dtype)
+    platform = jax.devices()[0].platform
+    sched = f", XLA:CPU {args.cpu_scheduler} scheduler" if platform == "cpu" else ""
     print(f"SVD-XT whole generation, {args.frames} frames {args.width}x{args.height}, CFG, {args.steps} steps, "
-          f"{args.dtype}, one {jax.devices()[0].platform} device")
+          f"{args.dtype}, one {platform} device{sched}")
     print(f"{'attention':>10} {'decode chunk':>12} | {'peak GiB':>8} {'weights+inputs':>14} {'temporaries':>11} "
           f"| compile s")
     for backend in args.backends.split(","):

@@ -33,6 +33,7 @@ from . import preprocessing as pre
 from .compile_cache import enable_compile_cache
 from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
 from .models.attention import IMPLEMENTATIONS, attention_backend
+from .models.layers import FF_CHUNK_BYTES, check_forward_chunk_bytes, forward_chunk_budget
 from .models.vae import decode_streamed
 from .scheduler import EulerScheduler, scale_model_input, step
 from .sharding import Partitioner
@@ -105,6 +106,9 @@ class StableVideoDiffusionPipeline:
             vae = vae.clone(constrain=partitioner.constrain)
         self.partitioner = partitioner
         self.attention = attention  # backend (models/attention.py IMPLEMENTATIONS); part of the jit cache key
+        # feed-forwards whose float32 hidden layer exceeds this many bytes run in row slices (None: never);
+        # part of the jit cache key (models/layers.py forward_chunk_budget)
+        self.forward_chunk_bytes: Optional[int] = FF_CHUNK_BYTES
         self.unet, self.vae, self.image_encoder, self.scheduler = unet, vae, image_encoder, scheduler
         self.params = params
         self.dtype = jnp.dtype(dtype)
@@ -168,10 +172,11 @@ class StableVideoDiffusionPipeline:
         self.trace_count += 1
         with contextlib.ExitStack() as stack:
             stack.enter_context(attention_backend(config[-1]))
+            stack.enter_context(forward_chunk_budget(config[-2]))
             if self.partitioner is not None:
                 stack.enter_context(self.partitioner.tracing())
             return self._generate_body(params, clip_images, vae_images, image_noise, latents, video_src, sigmas,
-                                       timesteps, guidance, time_ids, noise_aug_strength, config[:-1])
+                                       timesteps, guidance, time_ids, noise_aug_strength, config[:-2])
 
     def _generate_body(self, params, clip_images, vae_images, image_noise, latents, video_src, sigmas, timesteps,
                        guidance, time_ids, noise_aug_strength, config):
@@ -380,7 +385,9 @@ class StableVideoDiffusionPipeline:
             latents = np.concatenate([latents, np.repeat(latents[-1:], bp - b, axis=0)])
         guidance = jnp.linspace(min_guidance_scale, max_guidance_scale, num_frames, dtype=jnp.float32)
         time_ids = jnp.asarray([fps - 1, motion_bucket_id, noise_aug_strength], jnp.float32)
-        config = (cfg, decode_chunk_size, output_type == "latent", bool(progress), self.attention)
+        check_forward_chunk_bytes(self.forward_chunk_bytes)
+        config = (cfg, decode_chunk_size, output_type == "latent", bool(progress), self.forward_chunk_bytes,
+                  self.attention)
         args = [np.asarray(clip_images, np.float32), np.asarray(vae_images, np.float32), np.asarray(image_noise),
                 latents, video_src, np.asarray(schedule.sigmas, np.float32),
                 np.asarray(schedule.timesteps, np.float32), np.asarray(guidance), np.asarray(time_ids),

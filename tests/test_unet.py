@@ -1,5 +1,6 @@
 """Flax UNetSpatioTemporalConditionModel equals diffusers' on the same weights (fp32, CPU)."""
 
+import contextlib
 import math
 
 import jax
@@ -96,6 +97,63 @@ def test_forward_chunking_equals_unchunked(tiny_unet, chunk_size, chunk_dim):
     bad = module.clone(forward_chunk_size=5, forward_chunk_dim=0)
     with pytest.raises(ValueError, match="not divisible by chunk_size 5"):
         bad.apply({"params": params}, x, 1.0, ehs, ids)
+
+
+def test_auto_forward_chunking_equals_unchunked(tiny_unet, monkeypatch):
+    """Feed-forwards above the budget run over row slices (leading axes flattened, zero-padded to whole slices):
+    same output as unsliced; the slicing loops are traced, except in a sharded trace."""
+    from svd_jax.models import layers
+    from svd_jax.models.attention import sharded_trace
+
+    _, module, params, _ = tiny_unet
+    x, ehs, ids = _inputs(4, 2, 3, 8, 8, 1)
+    # Hidden layers here: 384 rows x 1 KiB, 96 rows x 2 KiB, 24 rows x 2 KiB. 40 kB: 10 slices of 39 rows (390),
+    # 5 slices of 20 rows (100), 2 slices of 12 rows.
+    budget = 40_000
+    calls = []  # [rows, (padded rows, slice rows) or None] per feed-forward
+    auto, chunks = layers._auto_chunked, layers.map_chunks
+
+    def spy_auto(ff, h, row_bytes):
+        calls.append([int(np.prod(h.shape[:-1])), None])
+        return auto(ff, h, row_bytes)
+
+    def spy_chunks(fn, h, axis, size):
+        calls[-1][1] = (h.shape[axis], size)
+        return chunks(fn, h, axis, size)
+
+    monkeypatch.setattr(layers, "_auto_chunked", spy_auto)
+    monkeypatch.setattr(layers, "map_chunks", spy_chunks)
+
+    def trace(budget, sharded=False):
+        """(traced program, its loop equations). A fresh function per trace: the budget is read while tracing,
+        and trace caches are keyed by the function. map_chunks' fori_loop (static bounds) traces as a scan."""
+        del calls[:]
+        with layers.forward_chunk_budget(budget), (sharded_trace() if sharded else contextlib.nullcontext()):
+            traced = jax.jit(lambda p: module.apply({"params": p}, x, 1.0, ehs, ids).sample).trace(params)
+        text = str(traced.jaxpr)
+        return traced, text.count("while[") + text.count("scan[")
+
+    def run(traced):  # compile-time savers (LLVM optimisation off, older CPU emitters) where this jaxlib knows them
+        lowered = traced.lower()
+        try:
+            compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0,
+                                                         "xla_cpu_use_fusion_emitters": False})
+        except jax.errors.JaxRuntimeError:
+            compiled = lowered.compile()
+        return compiled(params)
+
+    whole, whole_loops = trace(None)
+    assert calls and all(c is None for _, c in calls), calls  # feed-forwards seen, none sliced
+    sliced, sliced_loops = trace(budget)
+    assert calls and all(c is not None for _, c in calls), calls  # every feed-forward sliced
+    assert all(n >= r and n % s == 0 and n // s > 1 for r, (n, s) in calls), calls  # several whole slices
+    assert any(n > r for r, (n, s) in calls), calls  # zero rows padded
+    assert sliced_loops >= whole_loops + len(calls)
+    _, sharded_loops = trace(budget, sharded=True)  # slicing a device-split axis would gather it
+    assert calls and all(c is None for _, c in calls), calls
+    assert sharded_loops == whole_loops
+    # Same maths; only the matmul blocking (row slices) differs, i.e. float32 rounding.
+    assert rel_err(run(sliced), run(whole)) <= 2e-6
 
 
 def test_single_token_fast_path_equals_attention():

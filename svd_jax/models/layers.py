@@ -479,13 +479,19 @@ FF_CHUNK_BYTES = 256 * 2**20  # automatic forward chunking: the most one feed-fo
 _FF_BUDGET: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("svd_jax_ff_budget", default=FF_CHUNK_BYTES)
 
 
+def check_forward_chunk_bytes(max_bytes: Optional[int]) -> Optional[int]:
+    """``max_bytes`` if it is a positive int or None, else ValueError."""
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+        raise ValueError(f"forward chunk budget must be a positive number of bytes or None, not {max_bytes!r}")
+    return max_bytes
+
+
 @contextlib.contextmanager
 def forward_chunk_budget(max_bytes: Optional[int]):
     """Within the context (while tracing), feed-forwards without an explicit ``chunk_size`` run in row slices
-    whose hidden layer (float32 GEGLU projection) stays within ``max_bytes``; ``None``: never sliced."""
-    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
-        raise ValueError(f"forward chunk budget must be a positive number of bytes or None, not {max_bytes!r}")
-    token = _FF_BUDGET.set(max_bytes)
+    whose hidden layer (float32 GEGLU projection) stays within ``max_bytes``; ``None``: never sliced.
+    Read when a function is traced: jit caches traces by function and argument types, not by this setting."""
+    token = _FF_BUDGET.set(check_forward_chunk_bytes(max_bytes))
     try:
         yield
     finally:
