@@ -115,3 +115,19 @@ def test_forward_chunk_budget_rejects_non_positive_int(bad):
     with pytest.raises(ValueError, match="positive number of bytes or None"):
         with layers.forward_chunk_budget(bad):
             pass
+
+
+def test_dense_equals_flax_dense_and_checks_shapes():
+    """layers.Dense (params through layers.param, which skips Flax's per-apply initializer trace) computes
+    flax.linen.Dense's maths on the same params, and rejects a wrongly shaped parameter with Flax's error."""
+    import flax
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6))
+    ours = layers.Dense(4)
+    params = ours.init(jax.random.PRNGKey(1), x)
+    assert jax.tree_util.tree_map(jnp.shape, params) == {"params": {"kernel": (6, 4), "bias": (4,)}}
+    params = jax.tree_util.tree_map(lambda a: a + 0.1, params)  # a non-zero bias too
+    np.testing.assert_allclose(ours.apply(params, x), flax.linen.Dense(4).apply(params, x), rtol=1e-6, atol=1e-6)
+    bad = {"params": {"kernel": jnp.ones((7, 4)), "bias": jnp.ones((4,))}}
+    with pytest.raises(flax.errors.ScopeParamShapeError, match=r"kernel.*shape \(6, 4\).*has shape \(7, 4\)"):
+        ours.apply(bad, x)

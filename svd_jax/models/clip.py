@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ..weights import TRANSFORMERS_WEIGHTS, CheckpointError, PretrainedMixin, config_fields
 from .attention import dot_product_attention
-from .layers import LayerNorm, conv, dense
+from .layers import Dense, LayerNorm, conv, dense, param
 
 Dtype = Any
 
@@ -117,7 +117,7 @@ class CLIPVisionEmbeddings(nn.Module):
     def __call__(self, pixel_values):
         dt, pt = self.dtype, self.param_dtype
         p = self.patch_size
-        cls_tok = self.param("class_embedding", nn.initializers.normal(1.0), (self.hidden_size,), pt)
+        cls_tok = param(self, "class_embedding", nn.initializers.normal(1.0), (self.hidden_size,), pt)
         patches = conv(self.hidden_size, (p, p), "patch_embedding", dt, pt, strides=(p, p), padding=((0, 0), (0, 0)),
                        use_bias=False)(pixel_values.astype(dt))
         n = pixel_values.shape[0]
@@ -227,8 +227,8 @@ class CLIPVisionModelWithProjection(PretrainedMixin, nn.Module):
         self.vision_model = CLIPVisionTransformer(
             self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_attention_heads,
             self.image_size, self.patch_size, self.hidden_act, self.layer_norm_eps, self.dtype, self.param_dtype)
-        self.visual_projection = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
-                                          param_dtype=self.param_dtype)
+        self.visual_projection = Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                                       param_dtype=self.param_dtype)
 
     def __call__(self, pixel_values) -> CLIPVisionOutput:
         """pixel_values (N, S, S, C), CLIP-normalised -> CLIPVisionOutput(image_embeds (N, projection_dim), ...)."""
