@@ -115,6 +115,7 @@ class StableVideoDiffusionPipeline:
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.vae_scale_factor = vae.downscale
         self._jitted = jax.jit(self._generate, static_argnames=("config",))
+        self._compiled = {}  # programs built by compile(), by _program_key: calls with that key run them
         self.trace_count = 0  # how many times the generation was traced (compiled); for tests and users
 
     @classmethod
@@ -317,9 +318,13 @@ class StableVideoDiffusionPipeline:
             image, height, width, num_frames, num_inference_steps, sigmas, min_guidance_scale, max_guidance_scale,
             fps, motion_bucket_id, noise_aug_strength, decode_chunk_size, num_videos_per_prompt, seed, rng, latents,
             output_type, progress)
+        program = self._compiled.get(self._program_key(args, config))
         if self.partitioner is not None:
             args = self._place_inputs(args)
-        out = self._jitted(self.params, *args, config=config)
+        if program is not None:
+            out = program(self.params, *args)
+        else:
+            out = self._jitted(self.params, *args, config=config)
         if progress:
             _progress_close()
         if bp > b:
@@ -343,6 +348,24 @@ class StableVideoDiffusionPipeline:
         guidance on (max_guidance_scale 3) or off (1); the rest as :meth:`__call__`. The inputs are built by the
         same code as a call's, from blank images, so the lowered program is the one a call would run.
         """
+        return self._lower(images, image_size, height, width, num_frames, num_inference_steps, cfg,
+                           decode_chunk_size, num_videos_per_prompt, output_type)[0]
+
+    def compile(self, *, images: int = 1, image_size: Optional[tuple] = None, height: int = 576, width: int = 1024,
+                num_frames: Optional[int] = None, num_inference_steps: int = 25, cfg: bool = True,
+                decode_chunk_size: Optional[int] = None, num_videos_per_prompt: int = 1, output_type: str = "np"):
+        """Compile the generation for one configuration ahead of the first call (arguments as :meth:`lower`) and
+        keep it: calls with that configuration (same sizes, steps, CFG on/off, chunking, batch, options and
+        parameter shapes; any image, seed and micro-conditioning values) then run it without tracing again.
+        Returns the ``jax.stages.Compiled`` (``.memory_analysis()``, ``.cost_analysis()``)."""
+        lowered, key = self._lower(images, image_size, height, width, num_frames, num_inference_steps, cfg,
+                                   decode_chunk_size, num_videos_per_prompt, output_type)
+        self._compiled[key] = compiled = lowered.compile()
+        return compiled
+
+    def _lower(self, images, image_size, height, width, num_frames, num_inference_steps, cfg, decode_chunk_size,
+               num_videos_per_prompt, output_type):
+        """(jax.stages.Lowered, program key) for lower() / compile()."""
         h0, w0 = image_size or (height, width)
         blank = np.zeros((images, h0, w0, 3), np.float32)
         args, config, _, _ = self._inputs(
@@ -350,7 +373,13 @@ class StableVideoDiffusionPipeline:
             decode_chunk_size, num_videos_per_prompt, 0, None, None, output_type, False)
         abstract = [jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=None if self.partitioner is None
                                          else self._input_sharding(i, np.shape(a))) for i, a in enumerate(args)]
-        return self._jitted.lower(self.params, *abstract, config=config)
+        return self._jitted.lower(self.params, *abstract, config=config), self._program_key(args, config)
+
+    def _program_key(self, args, config):
+        """What a compiled program depends on besides its static config: the inputs' and parameters' shapes and
+        dtypes (the input shardings follow from the shapes and the pipeline's mesh)."""
+        sig = lambda a: (tuple(np.shape(a)), str(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype))
+        return config, tuple(sig(a) for a in args), tuple(sig(p) for p in jax.tree_util.tree_leaves(self.params))
 
     def _inputs(self, image, height, width, num_frames, num_inference_steps, sigmas, min_guidance_scale,
                 max_guidance_scale, fps, motion_bucket_id, noise_aug_strength, decode_chunk_size,

@@ -116,6 +116,8 @@ def _check_03(nb):
     assert re.search(r"bfloat16 vs float32 frames: PSNR \d+\.\d dB", text)
     assert re.search(r"fresh pipeline, first call \| disk cache", text), "a fresh pipeline did not read the cache"
     assert re.search(r"repeat call \| in memory", text)
+    # calls after pipe.compile run the kept program: the first one neither traces nor reads the cache
+    assert len(re.findall(r"\|\s+\d+\.\d+ \(in memory\s*\) \|", text)) >= 4, "a call after pipe.compile compiled"
 
 
 CHECKS = {"01_quickstart": _check_01, "02_sharded_generation": _check_02, "03_memory_and_speed": _check_03}

@@ -291,3 +291,20 @@ def test_forward_chunk_bytes_slices_feed_forwards_same_video(pipes, monkeypatch)
         assert pipe.trace_count == count + 1
     finally:
         pipe.forward_chunk_bytes = L.FF_CHUNK_BYTES
+
+
+def test_compile_ahead_serves_calls(pipes):
+    """pipe.compile(...) builds one configuration's program (memory analysis available) and keeps it: a call
+    with that configuration runs it without tracing, with the frames a jitted call gives; another
+    configuration still traces."""
+    _, pipe, folder = pipes
+    fresh = StableVideoDiffusionPipeline.from_pretrained(folder)
+    kw = dict(height=H, width=W, num_frames=F, num_inference_steps=2)
+    compiled = fresh.compile(image_size=(50, 70), **kw)
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+    assert fresh.trace_count == 1
+    got = fresh(_image(6), seed=4, fps=9, output_type="np", **kw).frames  # any values, same configuration
+    assert fresh.trace_count == 1  # served by the compiled program
+    np.testing.assert_array_equal(got, pipe(_image(6), seed=4, fps=9, output_type="np", **kw).frames)
+    fresh(_image(6), seed=4, output_type="np", decode_chunk_size=1, **kw)
+    assert fresh.trace_count == 2  # another configuration: traced
