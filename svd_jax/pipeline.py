@@ -318,7 +318,7 @@ class StableVideoDiffusionPipeline:
             image, height, width, num_frames, num_inference_steps, sigmas, min_guidance_scale, max_guidance_scale,
             fps, motion_bucket_id, noise_aug_strength, decode_chunk_size, num_videos_per_prompt, seed, rng, latents,
             output_type, progress)
-        program = self._compiled.get(self._program_key(args, config))
+        program = self._compiled.get(self._program_key(args, config)) if self._compiled else None
         if self.partitioner is not None:
             args = self._place_inputs(args)
         if program is not None:

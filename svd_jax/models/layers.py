@@ -190,7 +190,7 @@ class Conv(nn.Module):
         strides = tuple(self.strides or (1,) * nd)
         pad = self.padding if self.padding is not None else tuple((kk // 2, kk // 2) for kk in k)
         kernel = param(self, "kernel", nn.initializers.lecun_normal(), k + (x.shape[-1], self.features),
-                            self.param_dtype).astype(self.dtype)
+                       self.param_dtype).astype(self.dtype)
         hook = _KERNEL_HOOK.get()
         if hook is not None:
             kernel = hook(kernel)
