@@ -185,6 +185,13 @@ def tiny_pipeline(tmp_path_factory):
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
+def fast_compile_options() -> dict:
+    """FAST_COMPILE_FLAGS as ``compile(compiler_options=...)`` for one in-process compile (a jaxlib that does
+    not know one raises JaxRuntimeError: compile without them then)."""
+    parse = lambda v: {"true": True, "false": False}.get(v, int(v) if v.isdigit() else v)
+    return {k: parse(v) for k, v in (f.lstrip("-").split("=", 1) for f in FAST_COMPILE_FLAGS)}
+
+
 @pytest.fixture(scope="session")
 def fast_xla_flags():
     """devices -> an XLA_FLAGS value: that many simulated CPU devices (None: leave the count to the script) plus

@@ -12,7 +12,7 @@ import torch
 from svd_jax.models import UNetSpatioTemporalConditionModel
 from svd_jax.models.layers import Attention
 from svd_jax.weights import flatten_shapes, load_params, plan_conversion
-from conftest import perturb_, reference_keys, rel_err
+from conftest import fast_compile_options, perturb_, reference_keys, rel_err
 
 TOL = 1e-4
 
@@ -133,11 +133,10 @@ def test_auto_forward_chunking_equals_unchunked(tiny_unet, monkeypatch):
         text = str(traced.jaxpr)
         return traced, text.count("while[") + text.count("scan[")
 
-    def run(traced):  # compile-time savers (LLVM optimisation off, older CPU emitters) where this jaxlib knows them
+    def run(traced):  # compile-time savers (conftest.FAST_COMPILE_FLAGS) where this jaxlib knows them
         lowered = traced.lower()
         try:
-            compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0,
-                                                         "xla_cpu_use_fusion_emitters": False})
+            compiled = lowered.compile(compiler_options=fast_compile_options())
         except jax.errors.JaxRuntimeError:
             compiled = lowered.compile()
         return compiled(params)
