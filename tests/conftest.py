@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "svd_param_keys.txt"
+# Names and shapes of every tensor of the published SVD-XT checkpoint (unet/, vae/, image_encoder/), one per line.
+REFERENCE = Path(__file__).resolve().parent / "data" / "svd_param_keys.txt"
 
 # Tiny VAE configs that exercise every structural branch: 4 levels (8x, shortcuts where channels change),
 # an attention encoder block, layers_per_block 1 (mid attention owned but unused) and 3 (extra mid resnet).
@@ -125,7 +126,7 @@ def nhwc(t: torch.Tensor) -> np.ndarray:
 
 
 def reference_keys(component: str) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of one full-size SVD-XT component from shared/reference/svd_param_keys.txt."""
+    """{name: shape} of one full-size SVD-XT component from tests/data/svd_param_keys.txt."""
     out = {}
     for line in REFERENCE.read_text().splitlines():
         if not line.strip() or line.startswith("#"):

@@ -1,7 +1,7 @@
 """Full-size SVD-XT image encoder and VAE: every tensor of the real architecture maps onto the Flax tree.
 
 Built on torch's ``meta`` device (no weights, no download) and checked against
-shared/reference/svd_param_keys.txt; the Flax tree comes from ``jax.eval_shape``.
+tests/data/svd_param_keys.txt; the Flax tree comes from ``jax.eval_shape``.
 """
 
 import math
