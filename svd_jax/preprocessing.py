@@ -1,6 +1,6 @@
 """Image preprocessing of the SVD pipeline, equal to diffusers (no torch).
 
-Two branches take the user's conditioning image (SPEC §1.2):
+Two branches of diffusers' ``StableVideoDiffusionPipeline`` take the user's conditioning image:
 
 * CLIP branch (``StableVideoDiffusionPipeline._encode_image``): the image at its *original* resolution,
   in [-1, 1], goes through kornia-style anti-aliased resize to 224x224 (Gaussian blur + bicubic,
@@ -29,7 +29,6 @@ __all__ = [
     "VAE_SCALE_FACTOR",
     "clip_preprocess",
     "clip_resize_matrices",
-    "noise_augment",
     "pil_to_float",
     "to_rgb",
     "vae_preprocess_pil",
@@ -244,8 +243,3 @@ def resize_float_lanczos(image: np.ndarray, height: int, width: int) -> np.ndarr
     chans = [PIL.Image.fromarray(np.ascontiguousarray(image[..., c], np.float32), mode="F")
              .resize((width, height), resample=PIL.Image.LANCZOS, reducing_gap=None) for c in range(image.shape[-1])]
     return np.stack([np.asarray(c, np.float32) for c in chans], axis=-1)
-
-
-def noise_augment(x, noise, strength):
-    """Conditioning-image noise augmentation: ``x + strength * noise`` (same shapes, e.g. (N, H, W, 3))."""
-    return jnp.asarray(x) + strength * jnp.asarray(noise)
