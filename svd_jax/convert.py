@@ -18,19 +18,25 @@ transposed, cast and written one at a time, so peak memory is about two tensors,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
+from .models import (
+    AutoencoderKLTemporalDecoder,
+    CLIPVisionModelWithProjection,
+    UNetSpatioTemporalConditionModel,
+)
 from .weights import (
     CONFIG_NAME,
     FLAX_DTYPES,
@@ -39,7 +45,9 @@ from .weights import (
     FLAX_MANIFEST,
     FLAX_WEIGHTS,
     CheckpointError,
+    Source,
     flatten_shapes,
+    locate_tensors,
     model_key,
     plan_conversion,
     read_safetensors_header,
@@ -61,37 +69,6 @@ def _log_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class _Source:
-    """Where SRC's files come from: a local folder or a hub repo (files fetched one by one, only those needed)."""
-
-    def __init__(self, src, revision=None, cache_dir=None, local_files_only=False):
-        self.src, self.revision, self.cache_dir, self.local_files_only = str(src), revision, cache_dir, local_files_only
-        local = Path(src).expanduser()
-        self.local = local if local.is_dir() else None
-        looks_local = Path(src).is_absolute() or self.src.startswith((".", "~")) or self.src.count("/") > 1
-        if self.local is None and looks_local:
-            raise CheckpointError(f"{src}: no such folder (and not a hub repo id 'owner/name')")
-
-    def file(self, relpath: str) -> Optional[Path]:
-        """The local path of SRC/relpath, downloading it for a hub repo; None where there is no such file."""
-        if self.local is not None:
-            p = self.local / relpath
-            return p if p.is_file() else None
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-        try:
-            return Path(hf_hub_download(self.src, relpath, revision=self.revision, cache_dir=self.cache_dir,
-                                        local_files_only=self.local_files_only))
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            return None
-        except RepositoryNotFoundError as e:
-            raise CheckpointError(f"{self.src}: not a local folder and not a hub repository you can access") from e
-
-    def describe(self) -> str:
-        return str(self.local.resolve()) if self.local is not None else self.src
-
-
 def _model_class(config: dict, where: str):
     name = config.get("_class_name") or (config.get("architectures") or [None])[0]
     if name not in MODEL_CLASSES:
@@ -107,18 +84,18 @@ def _default_dtype(src_dtypes: set) -> np.dtype:
 
 
 def convert_component(
-    source: _Source | str,
-    subfolder: Optional[str],
+    source: Source | str,
+    subfolder: str | None,
     dst: str | os.PathLike,
     *,
-    variant: Optional[str] = None,
+    variant: str | None = None,
     dtype: Any = None,
     log: Callable[[str], None] = _log_stderr,
 ) -> dict:
     """Convert one model component (``unet``, ``vae``, ``image_encoder``, or a component folder itself).
 
     Args:
-      source: SRC (a local folder or hub repo id, or a ``_Source``).
+      source: SRC (a local folder or hub repo id, or a :class:`~svd_jax.weights.Source`).
       subfolder: the component's folder inside SRC, or None when SRC is the component folder.
       dst: the output folder (created); gets ``config.json``, ``flax_params.safetensors``, ``flax_manifest.json``.
       variant: the diffusers weights variant to read (``"fp16"``).
@@ -128,12 +105,11 @@ def convert_component(
       The manifest written (a dict).
     """
     t0 = time.perf_counter()
-    src = source if isinstance(source, _Source) else _Source(source)
+    src = source if isinstance(source, Source) else Source(source)
     dst = Path(dst)
     if src.local is not None and (src.local / (subfolder or "") / FLAX_MANIFEST).is_file():
         raise CheckpointError(f"{src.local / (subfolder or '')} is already converted (it has {FLAX_MANIFEST})")
-    files = resolve_checkpoint(src.src if src.local is None else src.local, subfolder, variant=variant,
-                               revision=src.revision, cache_dir=src.cache_dir, local_files_only=src.local_files_only)
+    files = resolve_checkpoint(src, subfolder, variant=variant)
     try:
         config = json.loads(files.config.read_text())
     except ValueError as e:
@@ -142,12 +118,7 @@ def convert_component(
     module = cls.from_config(config)
     target = flatten_shapes(module.init_params_abstract())
 
-    located: dict[str, tuple[Path, Any]] = {}  # checkpoint name -> (file, TensorInfo); headers only, no data
-    for f in files.weights:
-        for name, info in read_safetensors_header(f)[0].items():
-            if name in located:
-                raise CheckpointError(f"tensor {name!r} appears in more than one shard ({f})")
-            located[name] = (f, info)
+    located = locate_tensors(files.weights)  # checkpoint name -> (file, TensorInfo); headers only, no data
     plan = plan_conversion(target, {k: v.shape for k, (_, v) in located.items()}, ignore=cls._ignore_keys,
                            what=f"{cls.__name__} weights in {files.source}")
     by_path = {path: (name, t) for name, (path, t) in plan.entries.items()}
@@ -160,8 +131,8 @@ def convert_component(
     specs = [("/".join(p), out_dtype, tuple(target[p])) for p in order]
 
     def arrays():
-        handles = {f: open(f, "rb", buffering=0) for f in files.weights}
-        try:
+        with contextlib.ExitStack() as stack:
+            handles = {f: stack.enter_context(open(f, "rb", buffering=0)) for f in files.weights}
             for p in order:
                 name, t = by_path[p]
                 f, info = located[name]
@@ -169,15 +140,13 @@ def convert_component(
                 out = np.empty(view.shape, out_dtype)
                 out[...] = view  # transpose and cast in one copy
                 yield out
-        finally:
-            for h in handles.values():
-                h.close()
 
     dst.mkdir(parents=True, exist_ok=True)
     (dst / FLAX_MANIFEST).unlink(missing_ok=True)  # the manifest marks a complete folder: written last
     partial = dst / (FLAX_WEIGHTS + ".partial")
     nbytes = write_safetensors(partial, specs, arrays(), metadata={"format": "flax", "svd_jax_format": FLAX_FORMAT})
     os.replace(partial, dst / FLAX_WEIGHTS)
+    written, _ = read_safetensors_header(dst / FLAX_WEIGHTS)  # what the loader will see, checked as it will be
     shutil.copyfile(files.config, dst / CONFIG_NAME)
 
     from . import __version__
@@ -197,8 +166,9 @@ def convert_component(
         "variant": variant,
         "dtype": out_dtype.name,
         "num_tensors": len(specs),
-        "model_key": model_key(cls.__name__, config),  # with tensors_digest: lets the loader skip eval_shape
-        "tensors_digest": tensors_digest({n: sh for n, _, sh in specs}),
+        # The file was checked against this model (plan_conversion above): with both, the loader skips eval_shape.
+        "model_key": model_key(cls.__name__, config),
+        "tensors_digest": tensors_digest(written),
         "num_params": int(sum(int(np.prod(s)) for _, _, s in specs)),
         "ignored_tensors": plan.ignored,
         "nbytes": nbytes,
@@ -210,7 +180,7 @@ def convert_component(
     return manifest
 
 
-def _copy_component(src: _Source, name: str, class_name: Optional[str], dst: Path) -> None:
+def _copy_component(src: Source, name: str, class_name: str | None, dst: Path) -> None:
     # A component with no weights svd-jax converts (scheduler, feature extractor): its config files, as they are.
     if src.local is not None:
         folder = src.local / name
@@ -236,11 +206,11 @@ def convert_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     *,
-    variant: Optional[str] = None,
+    variant: str | None = None,
     dtype: Any = None,
     overwrite: bool = False,
-    revision: Optional[str] = None,
-    cache_dir: Optional[str | os.PathLike] = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     log: Callable[[str], None] = _log_stderr,
 ) -> Path:
@@ -258,7 +228,7 @@ def convert_checkpoint(
     Returns:
       ``dst`` as a Path.
     """
-    source = _Source(src, revision, cache_dir, local_files_only)
+    source = Source(src, revision, cache_dir, local_files_only)
     dst = Path(dst)
     if source.local is not None and dst.resolve() == source.local.resolve():
         raise CheckpointError(f"{dst}: the destination must differ from the source")
