@@ -1,6 +1,8 @@
 """`python -m convert`: diffusers folder -> Flax layout -> from_pretrained gives the same parameters and frames;
 the converted folder is checked as strictly as the diffusers one, with clear errors."""
 
+import builtins
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +23,16 @@ from svd_jax import StableVideoDiffusionPipeline
 from svd_jax.cli import main as cli_main
 from svd_jax.convert import convert_checkpoint
 from svd_jax.models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
-from svd_jax.weights import FLAX_FORMAT, FLAX_MANIFEST, FLAX_WEIGHTS, CheckpointError, read_safetensors_header
+from svd_jax.weights import (
+    FLAX_FORMAT,
+    FLAX_FORMAT_VERSION,
+    FLAX_MANIFEST,
+    FLAX_WEIGHTS,
+    CheckpointError,
+    model_key,
+    read_safetensors_header,
+    tensors_digest,
+)
 from conftest import TINY_PIPE_VAE, make_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +271,49 @@ def test_stale_model_key_checks_again(vae_copy, tiny_pipeline):
     _, want = AutoencoderKLTemporalDecoder.from_pretrained(tiny_pipeline[1], "vae")
     _, got = AutoencoderKLTemporalDecoder.from_pretrained(vae_copy)
     _assert_same_params(want, got, jnp.float32)
+
+
+def test_converted_folder_takes_the_fast_path(tiny_pipeline, converted, monkeypatch):
+    """A freshly converted folder's manifest (model_key + tensors_digest) matches: every component loads without
+    building its abstract tree (jax.eval_shape), to the same numbers as the diffusers load."""
+    _, folder = tiny_pipeline
+    want = {sub: cls.from_pretrained(folder, sub)[1] for sub, cls in COMPONENTS.items()}
+
+    def not_needed(self):
+        raise AssertionError(f"{type(self).__name__}.init_params_abstract called: the fast path was not taken")
+
+    for sub, cls in COMPONENTS.items():
+        monkeypatch.setattr(cls, "init_params_abstract", not_needed)
+        _, got = cls.from_pretrained(converted["float32"], sub)
+        _assert_same_params(want[sub], got, jnp.float32)
+
+
+def test_model_key_is_format_class_and_config_only(converted, monkeypatch):
+    """The key is a digest of the format version, the class name and the config (canonical JSON), nothing else:
+    no source file is read, so editing the code (a comment) keeps the fast path; the tensors digest the converter
+    records is the written file's names, shapes and dtypes."""
+    for sub, cls in COMPONENTS.items():
+        out = converted["float32"] / sub
+        config = json.loads((out / "config.json").read_text())
+        blob = json.dumps([FLAX_FORMAT, FLAX_FORMAT_VERSION, cls.__name__, config], sort_keys=True,
+                          separators=(",", ":"))
+        expected = hashlib.sha256(blob.encode()).hexdigest()
+        manifest = json.loads((out / FLAX_MANIFEST).read_text())
+        assert manifest["model_key"] == expected
+        with monkeypatch.context() as m:  # reads no file
+            m.setattr(builtins, "open", lambda *a, **k: pytest.fail("model_key opened a file"))
+            m.setattr(Path, "read_bytes", lambda *a, **k: pytest.fail("model_key read a file"))
+            assert model_key(cls.__name__, dict(reversed(list(config.items())))) == expected  # key order: no matter
+        assert manifest["tensors_digest"] == tensors_digest(read_safetensors_header(out / FLAX_WEIGHTS)[0])
+    bf16 = converted["bfloat16"] / "vae"
+    assert (json.loads((bf16 / FLAX_MANIFEST).read_text())["tensors_digest"]
+            != json.loads((converted["float32"] / "vae" / FLAX_MANIFEST).read_text())["tensors_digest"])  # dtypes
+    config = json.loads((converted["float32"] / "vae" / "config.json").read_text())
+    key = model_key("AutoencoderKLTemporalDecoder", config)
+    assert model_key("CLIPVisionModelWithProjection", config) != key
+    assert model_key("AutoencoderKLTemporalDecoder", {**config, "latent_channels": 8}) != key
+    monkeypatch.setattr("svd_jax.weights.flax_layout.FLAX_FORMAT_VERSION", FLAX_FORMAT_VERSION + 1)
+    assert model_key("AutoencoderKLTemporalDecoder", config) != key
 
 
 def test_edited_config_is_checked(vae_copy):

@@ -1,6 +1,7 @@
 """The converter: file formats (single, sharded, fp16 variant, hub snapshot), strictness and clear errors."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -10,9 +11,20 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from svd_jax.models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection
-from svd_jax.weights import CheckpointError, flatten_shapes, plan_conversion, read_safetensors, resolve_checkpoint
-from conftest import VAE_CONFIGS, make_vae, nchw, nhwc, rel_err
+import svd_jax.weights.torch_layout as torch_layout
+from svd_jax.models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
+from svd_jax.weights import (
+    TRANSFORMS,
+    CheckpointError,
+    Transform,
+    flatten_shapes,
+    load_params,
+    params_to_torch_state,
+    plan_conversion,
+    read_safetensors,
+    resolve_checkpoint,
+)
+from conftest import CLIP_CONFIGS, TINY_PIPE_UNET, VAE_CONFIGS, make_vae, nchw, nhwc, rel_err
 
 VAE_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -220,3 +232,73 @@ def test_plan_reports_all_problems_at_once():
     plan = plan_conversion(target, {"a.weight": (2, 3), "a.bias": (2,), "n.weight": (2,)})
     assert {k: v[0] for k, v in plan.entries.items()} == {"a.weight": ("a", "kernel"), "a.bias": ("a", "bias"),
                                                           "n.weight": ("n", "scale")}
+
+
+# A PyTorch-layout example shape for every layout rule (a rule added to TRANSFORMS needs one here).
+TRANSFORM_EXAMPLES = {
+    "as is": [(), (7,), (2, 3), (4, 3, 2, 1)],
+    "Linear (out,in)->(in,out)": [(3, 5)],
+    "Conv2d OIHW->HWIO": [(6, 5, 3, 2), (4, 3, 1, 1)],
+    "Conv3d OIDHW->DHWIO": [(6, 5, 3, 2, 4)],
+    "1x1 Conv2d (O,I,1,1)->(I,O)": [(6, 5, 1, 1)],
+}
+
+
+def test_every_transform_has_its_inverse():
+    """Each layout rule carries its inverse: back(forward(a)) == a and forward(back(b)) == b, on arrays and on
+    shapes, and the shape functions agree with the array functions."""
+    module_transforms = [v for v in vars(torch_layout).values() if isinstance(v, Transform)]
+    assert set(map(id, module_transforms)) == set(map(id, TRANSFORMS))  # the registry lists every rule
+    rng = np.random.default_rng(0)
+    for t in TRANSFORMS:
+        for shape in TRANSFORM_EXAMPLES[t.name]:
+            a = rng.standard_normal(shape).astype(np.float32)
+            b = t.fn(a)
+            assert t.shape_fn(shape) == b.shape, t.name
+            assert t.inverse_shape(b.shape) == shape, t.name
+            np.testing.assert_array_equal(t.inverse(b), a, err_msg=t.name)
+            assert t.inverse(b).shape == shape, t.name
+            c = rng.standard_normal(b.shape).astype(np.float32)  # any Flax-layout array goes back and forth too
+            np.testing.assert_array_equal(t.fn(t.inverse(c)), c, err_msg=t.name)
+            assert t.shape_fn(t.inverse_shape(b.shape)) == b.shape, t.name
+
+
+def _torch_meta_state(kind, cfg):
+    # {name: shape} of the PyTorch reference model (meta device: no weights).
+    if kind == "clip":
+        from transformers import CLIPVisionConfig
+        from transformers import CLIPVisionModelWithProjection as Torch
+
+        make = lambda: Torch(CLIPVisionConfig(**cfg))
+    else:
+        from diffusers import AutoencoderKLTemporalDecoder as TorchVAE
+        from diffusers import UNetSpatioTemporalConditionModel as TorchUNet
+
+        make = lambda: (TorchVAE if kind == "vae" else TorchUNet)(**cfg)
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in make().state_dict().items()}
+
+
+@pytest.mark.parametrize("kind,cls,cfg", [
+    ("vae", AutoencoderKLTemporalDecoder, VAE_CONFIGS["svd_like"]),
+    ("clip", CLIPVisionModelWithProjection, CLIP_CONFIGS["gelu"]),
+    ("unet", UNetSpatioTemporalConditionModel, TINY_PIPE_UNET),
+])
+def test_torch_state_round_trip(kind, cls, cfg):
+    """Random params of a real module tree -> params_to_torch_state (the inverse rules) -> the reference model's
+    PyTorch names and shapes exactly -> plan_conversion / load_params -> the same tree, bit for bit."""
+    module = cls.from_config(dict(cfg))
+    abstract = module.init_params_abstract()
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
+    state = params_to_torch_state(params)
+    ref = {k: v for k, v in _torch_meta_state(kind, cfg).items()
+           if not any(re.fullmatch(p, k) for p in cls._ignore_keys)}
+    assert {k: v.shape for k, v in state.items()} == ref
+    plan = plan_conversion(flatten_shapes(abstract), {k: v.shape for k, v in state.items()})
+    assert len(plan.entries) == len(state) == len(flatten_shapes(abstract))
+    back = load_params(abstract, state, jnp.float32, to_device=False)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(back), jax.tree_util.tree_leaves(params)):
+        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
