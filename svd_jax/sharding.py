@@ -13,18 +13,16 @@ Mesh axes (:func:`make_mesh`):
 
 Uneven splits (a dimension the axis does not divide) are padded by XLA, never replicated; jit inputs, which
 must split evenly, are left whole on such dimensions. Convolution kernels are pinned replicated where they are
-used (:meth:`Partitioner.tracing`): without that, XLA's Shardy partitioner split a kernel's taps along with a
+used (:meth:`Partitioner.model_options`): without that, XLA's Shardy partitioner split a kernel's taps along with a
 device-split image axis and computed wrong convolutions (jax 0.10, CPU).
 
-The models call a ``constrain(x)`` hook on (N, h, w, C) activations at block boundaries (N = videos x frames,
-b-major); :class:`Partitioner` provides it as ``with_sharding_constraint`` with these rules, and XLA inserts
-the collectives. Parameters are replicated, or with ``fsdp=True`` split over all devices along their largest
+The models apply ``options.constrain(x)`` (:class:`~svd_jax.options.ModelOptions`) to (N, h, w, C) activations
+at block boundaries (N = videos x frames, b-major); :meth:`Partitioner.model_options` sets it to
+``with_sharding_constraint`` with these rules, and XLA inserts the collectives. Parameters are replicated, or with ``fsdp=True`` split over all devices along their largest
 dimension that divides (gathered by XLA where used).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import dataclasses
 import math
@@ -33,6 +31,8 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .options import ModelOptions
 
 DATA, SPACE = "data", "space"
 AXES = (DATA, SPACE)
@@ -112,20 +112,16 @@ class Partitioner:
         return jax.lax.with_sharding_constraint(x, self.sharding(spec))
 
     def replicate(self, x):
-        """Pin ``x`` replicated on every device (used for convolution kernels, see :meth:`tracing`)."""
+        """Pin ``x`` replicated on every device (used for convolution kernels, see :meth:`model_options`)."""
         return jax.lax.with_sharding_constraint(x, self.sharding(P()))
 
-    def tracing(self):
-        """Context to trace sharded model calls in: every convolution kernel is pinned replicated at its use
-        (gathered there when FSDP-split), which XLA needs to partition convolutions correctly (models/layers.py);
-        attention's ``auto`` leaves single-device kernels (Pallas) out of the sharded program."""
-        from .models.attention import sharded_trace
-        from .models.layers import kernel_hook
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(kernel_hook(self.replicate))
-        stack.enter_context(sharded_trace())
-        return stack
+    def model_options(self, options: ModelOptions) -> ModelOptions:
+        """``options`` for models running in a program partitioned over this mesh: activations pinned at block
+        boundaries (:meth:`constrain`), every convolution kernel pinned replicated at its use (gathered there
+        when FSDP-split), which XLA needs to partition convolutions correctly, no single-device kernels and no
+        row slicing (``partitioned``), and the mesh's platform."""
+        return options.replace(partitioned=True, constrain=self.constrain, conv_kernel_hook=self.replicate,
+                               platform=self.mesh.devices.flat[0].platform)
 
     def constrain(self, x):
         """The models' block-boundary hook: pin (N, h, w, C) activations to :meth:`frames_spec` (with

@@ -2,66 +2,35 @@
 
 Every attention in the three networks (CLIP self-attention, VAE mid-block attention, UNet spatial and
 temporal attention) calls :func:`dot_product_attention`. The backend comes from the ``implementation``
-argument, else from the innermost :func:`attention_backend` context, else ``"auto"``:
+argument, else from ``options.attention`` (:class:`~svd_jax.options.ModelOptions`, a field of every module that
+attends; default ``"auto"``):
 
 * ``"xla"``: the plain formula; materialises the (heads, Sq, Sk) scores. Fastest for short sequences.
 * ``"blockwise"``: online softmax over key blocks (``lax.scan``) for query blocks (``lax.map``): peak memory
-  is set by the block sizes, never by Sq x Sk. Works on every backend and every head size (the VAE's single
+  is set by the block sizes (``options.attention_q_block`` / ``attention_k_block``), never by Sq x Sk. Works on every backend and every head size (the VAE's single
   512-dim head included). Blocks are strided subsets of the token axis (token i*n + j sits in block j), so a
   token axis split over devices stays split inside every block.
 * ``"cudnn"``: cuDNN fused flash attention (``jax.nn.dot_product_attention``), GPU only, bf16/fp16, head_dim
   <= 128. Selecting it elsewhere raises.
 * ``"pallas"``: the Pallas TPU flash-attention kernel (``jax.experimental.pallas.ops.tpu``), TPU only, on
-  one device (outside a sharded trace: XLA cannot split a Pallas call, it would gather its operands). Token
+  one device (not in a partitioned program, ``options.partitioned``: XLA cannot split a Pallas call, it would
+  gather its operands). Token
   axes are padded to multiples of 128 and the padding masked out with segment ids. Selecting it elsewhere
   raises; :func:`pallas_attention` with ``interpret=True`` runs the same kernel on CPU (the tests do).
-* ``"auto"``: cuDNN on GPU where it applies; for long sequences (scores of one call above
-  ``AUTO_BLOCKWISE_BYTES``) the Pallas kernel on a single TPU, else blockwise; else xla.
+* ``"auto"``: cuDNN on GPU where it applies; for long sequences (float32 scores of one call above
+  ``options.attention_auto_bytes``) the Pallas kernel on a single TPU, else blockwise; else xla.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas")
-AUTO_BLOCKWISE_BYTES = 256 * 2**20  # float32 scores of one call above this -> blockwise
-Q_BLOCK, K_BLOCK = 1024, 1024  # target block sizes (tokens) of the blockwise path
+from ..options import ATTENTION_BACKENDS, DEFAULT_OPTIONS, ModelOptions
 
-_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("svd_jax_attention", default="auto")
-# True while a sharded program is traced (set by svd_jax.sharding.Partitioner.tracing): no Pallas there.
-_SHARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("svd_jax_attention_sharded", default=False)
-
-
-@contextlib.contextmanager
-def sharded_trace():
-    """Marks the trace as sharded over a mesh: ``auto`` then never picks a single-device kernel."""
-    token = _SHARDED.set(True)
-    try:
-        yield
-    finally:
-        _SHARDED.reset(token)
-
-
-def is_sharded_trace() -> bool:
-    """Whether the current trace is marked sharded (:func:`sharded_trace`)."""
-    return _SHARDED.get()
-
-
-@contextlib.contextmanager
-def attention_backend(name: str):
-    """Within the context (while tracing), attention calls without an explicit ``implementation`` use
-    ``name`` (one of ``IMPLEMENTATIONS``)."""
-    _check_name(name)
-    token = _BACKEND.set(name)
-    try:
-        yield
-    finally:
-        _BACKEND.reset(token)
+IMPLEMENTATIONS = ATTENTION_BACKENDS
 
 
 def _check_name(name):
@@ -69,31 +38,33 @@ def _check_name(name):
         raise ValueError(f"unknown attention implementation {name!r}; choose one of {IMPLEMENTATIONS}")
 
 
-def _cudnn_applies(q, k, v) -> bool:
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+def _cudnn_applies(q, k, v, options: ModelOptions) -> bool:
+    return (options.backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0 and q.shape[-1] == v.shape[-1])
 
 
-def resolve_implementation(q, k, v, implementation: str | None = None) -> str:
-    """The backend a call with these operands uses (``implementation`` or the context's; ``auto`` resolved)."""
-    name = _BACKEND.get() if implementation is None else implementation
+def resolve_implementation(q, k, v, options: ModelOptions = DEFAULT_OPTIONS, implementation: str | None = None) -> str:
+    """The backend a call with these operands uses (``implementation``, else ``options.attention``; ``auto``
+    resolved)."""
+    name = options.attention if implementation is None else implementation
     _check_name(name)
     if name != "auto":
         return name
-    if _cudnn_applies(q, k, v):
+    if _cudnn_applies(q, k, v, options):
         return "cudnn"
     batch = math.prod(q.shape[:-3]) * q.shape[-2]
-    if batch * q.shape[-3] * k.shape[-3] * 4 <= AUTO_BLOCKWISE_BYTES:
+    if batch * q.shape[-3] * k.shape[-3] * 4 <= options.attention_auto_bytes:
         return "xla"
-    return "pallas" if _pallas_applies(q, v) else "blockwise"
+    return "pallas" if _pallas_applies(q, v, options) else "blockwise"
 
 
-def _pallas_applies(q, v) -> bool:
-    return (jax.default_backend() == "tpu" and not _SHARDED.get() and q.shape[-1] == v.shape[-1]
+def _pallas_applies(q, v, options: ModelOptions) -> bool:
+    return (options.backend() == "tpu" and not options.partitioned and q.shape[-1] == v.shape[-1]
             and q.shape[-1] <= 512)
 
 
-def dot_product_attention(q, k, v, *, scale: float | None = None, implementation: str | None = None):
+def dot_product_attention(q, k, v, *, scale: float | None = None, options: ModelOptions = DEFAULT_OPTIONS,
+                          implementation: str | None = None):
     """softmax(q kᵀ · scale) v per head, logits and softmax in float32.
 
     Args:
@@ -101,7 +72,8 @@ def dot_product_attention(q, k, v, *, scale: float | None = None, implementation
       k: (..., Sk, heads, head_dim).
       v: (..., Sk, heads, head_dim_v).
       scale: defaults to head_dim ** -0.5 (PyTorch SDPA's default).
-      implementation: one of ``IMPLEMENTATIONS``; None: the :func:`attention_backend` context's (default auto).
+      options: the backend (``options.attention``), its block sizes and the ``auto`` threshold.
+      implementation: one of ``IMPLEMENTATIONS``, overriding ``options.attention``.
 
     Returns:
       (..., Sq, heads, head_dim_v) in q's dtype.
@@ -111,20 +83,21 @@ def dot_product_attention(q, k, v, *, scale: float | None = None, implementation
     if k.shape[:-1] != v.shape[:-1] or q.shape[:-3] != k.shape[:-3] or q.shape[-2:] != k.shape[-2:]:
         raise ValueError(f"q, k, v shapes do not match: {q.shape}, {k.shape}, {v.shape}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    name = resolve_implementation(q, k, v, implementation)
+    name = resolve_implementation(q, k, v, options, implementation)
     if name == "xla":
         return _plain(q, k, v, scale)
     if name == "blockwise":
-        return blockwise_attention(q, k, v, scale=scale)
+        return blockwise_attention(q, k, v, scale=scale, q_block=options.attention_q_block,
+                                   k_block=options.attention_k_block)
     if name == "pallas":
-        if not _pallas_applies(q, v):
+        if not _pallas_applies(q, v, options):
             raise ValueError(f"the pallas attention backend needs a TPU, one device (no mesh) and equal q/v head "
-                             f"dims <= 512; got platform {jax.default_backend()!r}, sharded={_SHARDED.get()}, "
+                             f"dims <= 512; got platform {options.backend()!r}, partitioned={options.partitioned}, "
                              f"head dims {q.shape[-1]}/{v.shape[-1]}: use 'auto', 'blockwise' or 'xla'")
         return pallas_attention(q, k, v, scale=scale)
-    if not _cudnn_applies(q, k, v):
+    if not _cudnn_applies(q, k, v, options):
         raise ValueError(f"the cudnn attention backend needs a GPU, bf16/fp16 inputs and head_dim <= 128 "
-                         f"(a multiple of 8); got platform {jax.default_backend()!r}, {q.dtype}, head_dim "
+                         f"(a multiple of 8); got platform {options.backend()!r}, {q.dtype}, head_dim "
                          f"{q.shape[-1]}: use 'auto', 'blockwise' or 'xla'")
     lead = q.shape[:-3]
     flat = lambda t: t.reshape((-1,) + t.shape[-3:])  # cuDNN takes (B, S, N, H)
@@ -149,14 +122,12 @@ def _blocks(s: int, target: int) -> tuple[int, int]:
     return n0, n0 * -(-s // n0)
 
 
-def blockwise_attention(q, k, v, *, scale: float, q_block: int | None = None, k_block: int | None = None):
+def blockwise_attention(q, k, v, *, scale: float, q_block: int = DEFAULT_OPTIONS.attention_q_block,
+                        k_block: int = DEFAULT_OPTIONS.attention_k_block):
     """Memory-efficient exact attention (online softmax); shapes as :func:`dot_product_attention`.
 
-    Scores live one (q_block x k_block) tile per head at a time (defaults: the module's Q_BLOCK, K_BLOCK, read
-    at trace time). Accumulation in float32.
+    Scores live one (q_block x k_block) tile per head at a time. Accumulation in float32.
     """
-    q_block = Q_BLOCK if q_block is None else q_block
-    k_block = K_BLOCK if k_block is None else k_block
     lead, sq, h, d = q.shape[:-3], q.shape[-3], q.shape[-2], q.shape[-1]
     sk, dv = k.shape[-3], v.shape[-1]
     nq, sq_p = _blocks(sq, q_block)

@@ -1,6 +1,6 @@
 """CLIPVisionModelWithProjection: the SVD image encoder (OpenCLIP ViT-H/14 in transformers' layout), channels-last.
 
-Mirrors transformers' ``CLIPVisionModelWithProjection`` (SPEC §5): patch embedding (no bias), class token,
+Mirrors transformers' ``CLIPVisionModelWithProjection`` : patch embedding (no bias), class token,
 learned positions, pre-layernorm, pre-LN encoder layers, post-layernorm on the class token, bias-free
 visual projection. The output is not L2-normalised.
 """
@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ..options import DEFAULT_OPTIONS, ModelOptions
 from ..weights import TRANSFORMERS_WEIGHTS, CheckpointError, PretrainedMixin, config_fields
 from .attention import dot_product_attention
 from .layers import Dense, LayerNorm, conv, dense, param
@@ -56,12 +57,13 @@ class CLIPEncoderLayer(nn.Module):
     eps: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x):
         dt, pt = self.dtype, self.param_dtype
         h = LayerNorm(self.eps, dt, pt, name="layer_norm1")(x)
-        h = CLIPAttention(self.hidden_size, self.num_heads, dt, pt, name="self_attn")(h)
+        h = CLIPAttention(self.hidden_size, self.num_heads, dt, pt, self.options, name="self_attn")(h)
         x = x + h
         h = LayerNorm(self.eps, dt, pt, name="layer_norm2")(x)
         h = CLIPMLP(self.intermediate_size, self.hidden_size, self.hidden_act, dt, pt, name="mlp")(h)
@@ -75,6 +77,7 @@ class CLIPAttention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x):
@@ -84,7 +87,7 @@ class CLIPAttention(nn.Module):
         q = split(dense(self.hidden_size, "q_proj", dt, pt)(x))
         k = split(dense(self.hidden_size, "k_proj", dt, pt)(x))
         v = split(dense(self.hidden_size, "v_proj", dt, pt)(x))
-        out = dot_product_attention(q, k, v, scale=d**-0.5)
+        out = dot_product_attention(q, k, v, scale=d**-0.5, options=self.options)
         return dense(self.hidden_size, "out_proj", dt, pt)(out.reshape(x.shape[:2] + (self.hidden_size,)))
 
 
@@ -112,14 +115,15 @@ class CLIPVisionEmbeddings(nn.Module):
     patch_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, pixel_values):
         dt, pt = self.dtype, self.param_dtype
         p = self.patch_size
         cls_tok = param(self, "class_embedding", nn.initializers.normal(1.0), (self.hidden_size,), pt)
-        patches = conv(self.hidden_size, (p, p), "patch_embedding", dt, pt, strides=(p, p), padding=((0, 0), (0, 0)),
-                       use_bias=False)(pixel_values.astype(dt))
+        patches = conv(self.hidden_size, (p, p), "patch_embedding", dt, pt, self.options, strides=(p, p),
+                       padding=((0, 0), (0, 0)), use_bias=False)(pixel_values.astype(dt))
         n = pixel_values.shape[0]
         patches = patches.reshape(n, -1, self.hidden_size)  # row-major grid, as flatten(2) in PyTorch
         cls_tok = jnp.broadcast_to(cls_tok.astype(dt), (n, 1, self.hidden_size))
@@ -142,15 +146,16 @@ class CLIPVisionTransformer(nn.Module):
     layer_norm_eps: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, pixel_values):
-        dt, pt, eps = self.dtype, self.param_dtype, self.layer_norm_eps
-        x = CLIPVisionEmbeddings(self.hidden_size, self.image_size, self.patch_size, dt, pt, name="embeddings")(
+        dt, pt, o, eps = self.dtype, self.param_dtype, self.options, self.layer_norm_eps
+        x = CLIPVisionEmbeddings(self.hidden_size, self.image_size, self.patch_size, dt, pt, o, name="embeddings")(
             pixel_values)
         x = LayerNorm(eps, dt, pt, name="pre_layrnorm")(x)  # sic: transformers' attribute name
         enc = _Encoder(self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_attention_heads,
-                       self.hidden_act, eps, dt, pt, name="encoder")
+                       self.hidden_act, eps, dt, pt, o, name="encoder")
         x = enc(x)
         pooled = LayerNorm(eps, dt, pt, name="post_layernorm")(x[:, 0])
         return x, pooled
@@ -165,12 +170,13 @@ class _Encoder(nn.Module):
     eps: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x):
         for i in range(self.num_hidden_layers):
             x = CLIPEncoderLayer(self.hidden_size, self.intermediate_size, self.num_attention_heads, self.hidden_act,
-                                 self.eps, self.dtype, self.param_dtype, name=f"layers_{i}")(x)
+                                 self.eps, self.dtype, self.param_dtype, self.options, name=f"layers_{i}")(x)
         return x
 
 
@@ -194,12 +200,13 @@ class CLIPVisionModelWithProjection(PretrainedMixin, nn.Module):
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     _weights_names = (TRANSFORMERS_WEIGHTS,)
     _ignore_keys = (r"vision_model\.embeddings\.position_ids",)  # a buffer that older checkpoints saved
 
     @classmethod
-    def from_config(cls, config, dtype=jnp.float32):
+    def from_config(cls, config, dtype=jnp.float32, options: ModelOptions = DEFAULT_OPTIONS):
         """Build from a transformers CLIPVisionConfig dict (or a CLIPConfig dict with ``vision_config``)."""
         config = dict(config)
         if "vision_config" in config:  # a full CLIPConfig: projection_dim lives at the top
@@ -209,7 +216,7 @@ class CLIPVisionModelWithProjection(PretrainedMixin, nn.Module):
         mt = config.get("model_type")
         if mt not in (None, "clip_vision_model", "clip"):
             raise CheckpointError(f"image encoder config has model_type {mt!r}; expected 'clip_vision_model'")
-        module = cls(**config_fields(cls, config), dtype=dtype, param_dtype=dtype)
+        module = cls(**config_fields(cls, config), dtype=dtype, param_dtype=dtype, options=options)
         module.validate()
         return module
 
@@ -226,7 +233,8 @@ class CLIPVisionModelWithProjection(PretrainedMixin, nn.Module):
     def setup(self):
         self.vision_model = CLIPVisionTransformer(
             self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_attention_heads,
-            self.image_size, self.patch_size, self.hidden_act, self.layer_norm_eps, self.dtype, self.param_dtype)
+            self.image_size, self.patch_size, self.hidden_act, self.layer_norm_eps, self.dtype, self.param_dtype,
+            self.options)
         self.visual_projection = Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
                                        param_dtype=self.param_dtype)
 

@@ -8,9 +8,7 @@ Submodule names mirror the diffusers attribute names so that the weight converte
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -18,41 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import dot_product_attention, is_sharded_trace
+from ..options import DEFAULT_OPTIONS, ModelOptions
+from .attention import dot_product_attention
+from .xla_ops import conv_kernel_barrier, map_chunks, map_rows, small_conv_as_matmul
 
 Dtype = Any
-
-
-def barrier_slice(x, start, size: int, axis: int):
-    """``x[start:start + size]`` along ``axis`` (dynamic start), behind an optimization barrier: in a loop, XLA
-    would otherwise hoist the slice's float32 conversion out of it, i.e. convert the whole input at once.
-    The barrier ties x to the (loop-varying) start: a barrier around the slice alone does not stop the hoist."""
-    x, start = jax.lax.optimization_barrier((x, start))
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
-
-
-def map_chunks(fn, x, axis: int, size: int):
-    """``fn`` over consecutive slices of ``size`` along ``axis`` of x, one slice at a time: the results are
-    written into one output buffer in a loop. ``size`` divides ``x.shape[axis]``; ``fn`` keeps the slice's
-    length along ``axis`` (other axes may change). Same values as ``fn(x)`` for a slice-wise ``fn``.
-
-    Written for XLA's memory planning: each slice is a :func:`barrier_slice`. When ``fn`` keeps the slice's
-    shape and dtype, results overwrite x's slices in place (each read before it is written; XLA copies x first
-    only if x is used later). Otherwise the output buffer is computed from x (an independent zeros would be
-    allocated at the start of the program and live through it).
-    """
-    n = x.shape[axis] // size
-    piece_shape = x.shape[:axis] + (size,) + x.shape[axis + 1:]
-    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(piece_shape, x.dtype))
-    put = lambda acc, i, y: jax.lax.dynamic_update_slice_in_dim(acc, y, i * size, axis)
-    if out.shape == piece_shape and out.dtype == x.dtype:
-        body = lambda i, acc: put(acc, i, fn(barrier_slice(acc, i * size, size, axis)))
-        return jax.lax.fori_loop(0, n, body, x)
-    piece = lambda i: barrier_slice(x, i * size, size, axis)
-    shape = out.shape[:axis] + (x.shape[axis],) + out.shape[axis + 1:]
-    buf = jnp.zeros(shape, out.dtype) * x.reshape(-1)[0].astype(out.dtype)
-    body = lambda i, acc: put(acc, i, fn(piece(i)))
-    return jax.lax.fori_loop(0, n, body, buf)
 
 
 class GroupNorm(nn.Module):
@@ -60,6 +28,8 @@ class GroupNorm(nn.Module):
 
     Statistics are taken per sample (axis 0) and group over ALL other axes, so (N, H, W, C) normalises each
     image, and (B, F, H, W, C) pools over the frames of a video, as PyTorch's 5-D GroupNorm does.
+    ``stats``: (mean, var), each (N, num_groups) float32, to normalise with statistics taken elsewhere (over
+    tiles of a larger tensor: :meth:`partial_sums`); default: x's own.
     """
 
     num_groups: int = 32
@@ -68,19 +38,40 @@ class GroupNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, stats=None):
         c = x.shape[-1]
         if c % self.num_groups:
             raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
         scale = param(self, "scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = param(self, "bias", nn.initializers.zeros, (c,), self.param_dtype)
+        if stats is not None:
+            lead = (x.shape[0],) + (1,) * (x.ndim - 2)
+            mean, var = (s.reshape(lead + (self.num_groups, 1)) for s in stats)
+            return group_normalize(x, mean, var, scale, bias, self.epsilon, self.dtype)
         # Only the channel axis is split into groups: merging the spatial axes would merge a device-split axis
         # into another one, which XLA's partitioner can only do by gathering.
-        xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+        xg = self._grouped(x)
         axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
         mean = xg.mean(axis=axes, keepdims=True)
         var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
         return group_normalize(x, mean, var, scale, bias, self.epsilon, self.dtype)
+
+    def _grouped(self, x):
+        return x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, x.shape[-1] // self.num_groups))
+
+    def partial_sums(self, x, mean=None):
+        """Float32 sums per (sample, group), (N, num_groups), of x (N, ..., C), or with ``mean`` (N, num_groups)
+        of (x - mean)^2: summed over the tiles of a tensor and divided by :meth:`count`, they are the statistics
+        of the whole tensor (two passes, as ``__call__``)."""
+        xg = self._grouped(x)
+        if mean is not None:
+            xg = jnp.square(xg - jnp.repeat(mean, xg.shape[-1], axis=-1).reshape(
+                (x.shape[0],) + (1,) * (x.ndim - 2) + xg.shape[-2:]))
+        return xg.sum(axis=tuple(range(1, x.ndim - 1)) + (x.ndim,))
+
+    def count(self, shape) -> int:
+        """How many elements of a tensor of ``shape`` (N, ..., C) one (sample, group) statistic pools."""
+        return int(np.prod(shape[1:-1])) * (shape[-1] // self.num_groups)
 
 
 def group_normalize(x, mean, var, scale, bias, eps: float, dtype):
@@ -146,33 +137,13 @@ def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: 
     return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-# Up to this many output pixels per image, a stride-1 conv runs as one matmul over the im2col'd taps: XLA's
-# CPU convolution is slow there and pathological at the smallest sizes (3x3, 1280 channels, 8 images: at 2x4
-# 1078 ms vs 12 ms as a matmul; at 4x8 69 vs 40 ms; from 8x16 on the conv is faster). The copy is 9x a tiny
-# input. benchmarks/unet_vs_diffusers.py at latent 16x32 hits this at the two lowest UNet levels.
-SMALL_CONV_PIXELS = 32
-
-# Set while a sharded program is traced (svd_jax.sharding.Partitioner.tracing): applied to every convolution
-# kernel right before use. Pinning kernels (to replicated) keeps XLA's Shardy partitioner from splitting a
-# kernel's spatial taps along with a device-split image axis, which computed wrong convolutions when the split
-# was uneven (jax 0.10, CPU: a 3-tap kernel over 8 devices).
-_KERNEL_HOOK: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar("svd_jax_kernel_hook", default=None)
-
-
-@contextlib.contextmanager
-def kernel_hook(fn: Optional[Callable]):
-    """Within the context, convolution kernels pass through ``fn(kernel) -> kernel`` before use."""
-    token = _KERNEL_HOOK.set(fn)
-    try:
-        yield
-    finally:
-        _KERNEL_HOOK.reset(token)
-
-
 class Conv(nn.Module):
     """torch.nn.Conv2d/Conv3d on channels-last input, params ``kernel`` (*k, in, out) and ``bias`` like nn.Conv.
 
     x (N, *spatial, in) -> (N, *spatial', features). ``padding``: sequence of (lo, hi) per spatial dim.
+    ``options.conv_kernel_hook`` is applied to the kernel before use: a partitioner pins kernels replicated there,
+    which keeps XLA's Shardy partitioner from splitting a kernel's spatial taps along with a device-split image
+    axis (it computed wrong convolutions when the split was uneven: jax 0.10, CPU, a 3-tap kernel on 8 devices).
     """
 
     features: int
@@ -182,6 +153,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x):
@@ -191,17 +163,13 @@ class Conv(nn.Module):
         pad = self.padding if self.padding is not None else tuple((kk // 2, kk // 2) for kk in k)
         kernel = param(self, "kernel", nn.initializers.lecun_normal(), k + (x.shape[-1], self.features),
                        self.param_dtype).astype(self.dtype)
-        hook = _KERNEL_HOOK.get()
-        if hook is not None:
-            kernel = hook(kernel)
+        if self.options.conv_kernel_hook is not None:
+            kernel = self.options.conv_kernel_hook(kernel)
         x = x.astype(self.dtype)
-        if kernel.dtype != jnp.float32 and jax.default_backend() == "cpu":
-            # XLA:CPU convolves in float32: its kernel copy depends on the weights alone, so it would be made
-            # at the start of the program (hoisted out of the denoising loop): 2x the UNet's weights in f32.
-            # Tied to the input, each copy is made when its layer runs.
+        if conv_kernel_barrier(self.options, kernel.dtype):
             kernel, x = jax.lax.optimization_barrier((kernel, x))
         spatial_out = [(n + lo + hi - kk) // s + 1 for n, (lo, hi), kk, s in zip(x.shape[1:-1], pad, k, strides)]
-        if all(s == 1 for s in strides) and np.prod(spatial_out) <= SMALL_CONV_PIXELS:
+        if small_conv_as_matmul(self.options, strides, int(np.prod(spatial_out))):
             xp = jnp.pad(x, ((0, 0),) + tuple(pad) + ((0, 0),))
             cols = jnp.concatenate([xp[(slice(None),) + tuple(slice(t, t + n) for t, n in zip(tap, spatial_out))]
                                     for tap in np.ndindex(*k)], axis=-1)  # taps in kernel order, then channels
@@ -214,25 +182,10 @@ class Conv(nn.Module):
         return y
 
 
-def conv(features: int, kernel, name: str, dtype: Dtype, param_dtype: Dtype, *, strides=None, padding=None,
-         use_bias: bool = True) -> Conv:
+def conv(features: int, kernel, name: Optional[str], dtype: Dtype, param_dtype: Dtype, options: ModelOptions, *,
+         strides=None, padding=None, use_bias: bool = True) -> Conv:
     """torch.nn.Conv2d/3d with explicit padding (default: 'same' for odd kernels, symmetric)."""
-    return Conv(features, tuple(kernel), strides, padding, use_bias, dtype, param_dtype, name=name)
-
-
-def _auto_chunked(ff, x, row_bytes: int):
-    """ff (position-wise) over x (..., C), in row slices of at most the budget's worth of ``row_bytes`` rows."""
-    budget = _FF_BUDGET.get()
-    rows = int(np.prod(x.shape[:-1]))
-    if budget is None or is_sharded_trace() or rows * row_bytes <= budget:
-        return ff(x)
-    n = -(-rows * row_bytes // budget)  # slices
-    size = -(-rows // n)
-    flat = x.reshape(rows, x.shape[-1])
-    if n * size != rows:  # pad to whole slices (zero rows, dropped after)
-        flat = jnp.pad(flat, ((0, n * size - rows), (0, 0)))
-    y = map_chunks(ff, flat, 0, size)
-    return y[:rows].reshape(x.shape[:-1] + y.shape[-1:])
+    return Conv(features, tuple(kernel), strides, padding, use_bias, dtype, param_dtype, options, name=name)
 
 
 class Attention(nn.Module):
@@ -255,6 +208,7 @@ class Attention(nn.Module):
     single_token_fast_path: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -275,7 +229,7 @@ class Attention(nn.Module):
             out = jnp.broadcast_to(out, x.shape[:-1] + out.shape[-1:])
         else:
             split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.dim_head))
-            out = dot_product_attention(split(to_q(x)), split(to_k(ctx)), split(to_v(ctx)))
+            out = dot_product_attention(split(to_q(x)), split(to_k(ctx)), split(to_v(ctx)), options=self.options)
             out = to_out(out.reshape(out.shape[:-2] + (inner,)))
         if self.residual_connection:
             out = out + residual
@@ -295,26 +249,29 @@ class ResnetBlock2D(nn.Module):
     use_temb: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x, temb=None):
-        dt, pt = self.dtype, self.param_dtype
+        dt, pt, o = self.dtype, self.param_dtype, self.options
         h = nn.silu(GroupNorm(self.groups, self.eps, dt, pt, name="norm1")(x))
-        h = conv(self.out_channels, (3, 3), "conv1", dt, pt)(h)
+        h = conv(self.out_channels, (3, 3), "conv1", dt, pt, o)(h)
         if self.use_temb:
             t = dense(self.out_channels, "time_emb_proj", dt, pt)(nn.silu(temb))
             h = h + t[:, None, None, :]
         h = nn.silu(GroupNorm(self.groups, self.eps, dt, pt, name="norm2")(h))
-        h = conv(self.out_channels, (3, 3), "conv2", dt, pt)(h)
+        h = conv(self.out_channels, (3, 3), "conv2", dt, pt, o)(h)
         if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, (1, 1), "conv_shortcut", dt, pt)(x)
+            x = conv(self.out_channels, (1, 1), "conv_shortcut", dt, pt, o)(x)
         return x + h
 
 
 class TemporalResnetBlock(nn.Module):
     """diffusers TemporalResnetBlock: Conv3d (3,1,1) along frames, GroupNorm pooled over all frames.
 
-    x (B, F, H, W, C), temb (B, F, T) or None -> (B, F, H, W, C).
+    x (B, F, H, W, C), temb (B, F, T) or None -> (B, F, H, W, C). In two halves (``first_half``, ``second_half``)
+    that take the GroupNorm statistics from outside, for the VAE's streamed decode: every conv mixes frames only,
+    so a tile of rows holding all frames can run alone once its norms' statistics are known.
     """
 
     out_channels: int
@@ -323,20 +280,32 @@ class TemporalResnetBlock(nn.Module):
     use_temb: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
-    @nn.compact
+    def setup(self):
+        dt, pt, o, c = self.dtype, self.param_dtype, self.options, self.out_channels
+        self.norm1 = GroupNorm(self.groups, self.eps, dt, pt)
+        self.conv1 = conv(c, (3, 1, 1), None, dt, pt, o)
+        if self.use_temb:
+            self.time_emb_proj = Dense(c, dtype=dt, param_dtype=pt)
+        self.norm2 = GroupNorm(self.groups, self.eps, dt, pt)
+        self.conv2 = conv(c, (3, 1, 1), None, dt, pt, o)
+
     def __call__(self, x, temb=None):
-        dt, pt = self.dtype, self.param_dtype
         if x.shape[-1] != self.out_channels:  # diffusers would add a 1x1x1 shortcut; SVD never has one
             raise ValueError(f"TemporalResnetBlock: {x.shape[-1]} -> {self.out_channels} channels is not supported")
-        h = nn.silu(GroupNorm(self.groups, self.eps, dt, pt, name="norm1")(x))
-        h = conv(self.out_channels, (3, 1, 1), "conv1", dt, pt)(h)
+        return self.second_half(x, self.first_half(x, temb))
+
+    def first_half(self, x, temb=None, stats=None):
+        """conv1(silu(norm1(x))) (+ the time embedding): (B, F, H, W, C); ``stats``: norm1's (mean, var)."""
+        h = self.conv1(nn.silu(self.norm1(x, stats)))
         if self.use_temb:
-            t = dense(self.out_channels, "time_emb_proj", dt, pt)(nn.silu(temb))
-            h = h + t[:, :, None, None, :]
-        h = nn.silu(GroupNorm(self.groups, self.eps, dt, pt, name="norm2")(h))
-        h = conv(self.out_channels, (3, 1, 1), "conv2", dt, pt)(h)
-        return x + h
+            h = h + self.time_emb_proj(nn.silu(temb))[:, :, None, None, :]
+        return h
+
+    def second_half(self, x, h, stats=None):
+        """x + conv2(silu(norm2(h))): (B, F, H, W, C); ``stats``: norm2's (mean, var)."""
+        return x + self.conv2(nn.silu(self.norm2(h, stats)))
 
 
 class AlphaBlender(nn.Module):
@@ -384,6 +353,8 @@ class SpatioTemporalResBlock(nn.Module):
     """diffusers SpatioTemporalResBlock: spatial ResnetBlock2D, temporal resnet, AlphaBlender.
 
     x (B*F, H, W, Cin) b-major, temb (B*F, T) or None, image_only_indicator (B, F) -> (B*F, H, W, out_channels).
+    The three parts are attributes (``spatial_res_block``, ``temporal_res_block``, ``time_mixer``), so the VAE's
+    streamed decode runs this block's own modules piece by piece.
     """
 
     out_channels: int
@@ -395,21 +366,25 @@ class SpatioTemporalResBlock(nn.Module):
     use_temb: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
-    @nn.compact
+    def setup(self):
+        dt, pt, o = self.dtype, self.param_dtype, self.options
+        teps = self.eps if self.temporal_eps is None else self.temporal_eps
+        self.spatial_res_block = ResnetBlock2D(self.out_channels, self.eps, use_temb=self.use_temb, dtype=dt,
+                                               param_dtype=pt, options=o)
+        self.temporal_res_block = TemporalResnetBlock(self.out_channels, teps, use_temb=self.use_temb, dtype=dt,
+                                                      param_dtype=pt, options=o)
+        self.time_mixer = AlphaBlender(self.merge_factor, self.merge_strategy, self.switch_spatial_to_temporal_mix,
+                                       dt, pt)
+
     def __call__(self, x, temb, image_only_indicator):
-        dt, pt = self.dtype, self.param_dtype
         b, f = image_only_indicator.shape
-        h = ResnetBlock2D(self.out_channels, self.eps, use_temb=self.use_temb, dtype=dt, param_dtype=pt,
-                          name="spatial_res_block")(x, temb)
+        h = self.spatial_res_block(x, temb)
         hs = h.reshape((b, f) + h.shape[1:])
         tt = temb.reshape(b, f, -1) if self.use_temb else None
-        teps = self.eps if self.temporal_eps is None else self.temporal_eps
-        ht = TemporalResnetBlock(self.out_channels, teps, use_temb=self.use_temb, dtype=dt, param_dtype=pt,
-                                 name="temporal_res_block")(hs, tt)
-        out = AlphaBlender(self.merge_factor, self.merge_strategy, self.switch_spatial_to_temporal_mix, dt, pt,
-                           name="time_mixer")(hs, ht, image_only_indicator)
-        return out.reshape(h.shape)
+        ht = self.temporal_res_block(hs, tt)
+        return self.time_mixer(hs, ht, image_only_indicator).reshape(h.shape)
 
 
 class Downsample2D(nn.Module):
@@ -423,11 +398,13 @@ class Downsample2D(nn.Module):
     padding: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x):
         pad = ((0, 1), (0, 1)) if self.padding == 0 else ((self.padding,) * 2,) * 2
-        return conv(self.out_channels, (3, 3), "conv", self.dtype, self.param_dtype, strides=(2, 2), padding=pad)(x)
+        return conv(self.out_channels, (3, 3), "conv", self.dtype, self.param_dtype, self.options, strides=(2, 2),
+                    padding=pad)(x)
 
 
 class Upsample2D(nn.Module):
@@ -439,6 +416,7 @@ class Upsample2D(nn.Module):
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x, output_size=None):
@@ -448,7 +426,7 @@ class Upsample2D(nn.Module):
         else:
             oh, ow = output_size
             x = x[:, (np.arange(oh) * h) // oh][:, :, (np.arange(ow) * w) // ow]
-        return conv(self.out_channels, (3, 3), "conv", self.dtype, self.param_dtype)(x)
+        return conv(self.out_channels, (3, 3), "conv", self.dtype, self.param_dtype, self.options)(x)
 
 
 def to_tokens(x):
@@ -507,37 +485,14 @@ class _GEGLUParams(nn.Module):
         return _DenseParams(self.in_features, 2 * self.inner, self.param_dtype, name="proj")()
 
 
-FF_CHUNK_BYTES = 256 * 2**20  # automatic forward chunking: the most one feed-forward's hidden layer may take
-_FF_BUDGET: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("svd_jax_ff_budget", default=FF_CHUNK_BYTES)
-
-
-def check_forward_chunk_bytes(max_bytes: Optional[int]) -> Optional[int]:
-    """``max_bytes`` if it is a positive int or None, else ValueError."""
-    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
-        raise ValueError(f"forward chunk budget must be a positive number of bytes or None, not {max_bytes!r}")
-    return max_bytes
-
-
-@contextlib.contextmanager
-def forward_chunk_budget(max_bytes: Optional[int]):
-    """Within the context (while tracing), feed-forwards without an explicit ``chunk_size`` run in row slices
-    whose hidden layer (float32 GEGLU projection) stays within ``max_bytes``; ``None``: never sliced.
-    Read when a function is traced: jit caches traces by function and argument types, not by this setting."""
-    token = _FF_BUDGET.set(check_forward_chunk_bytes(max_bytes))
-    try:
-        yield
-    finally:
-        _FF_BUDGET.reset(token)
-
-
 class FeedForward(nn.Module):
     """diffusers FeedForward with GEGLU (params ``net_0/proj``, ``net_2``): x -> net_2(a * gelu_erf(g)).
 
     ``chunk_size``/``chunk_dim``: compute the position-wise FF over slices of ``chunk_size`` along axis
-    ``chunk_dim`` in a loop (:func:`map_chunks`), as diffusers' forward chunking; identical results, less memory.
-    Without ``chunk_size``, a FF whose float32 hidden layer (rows x 2 inner) exceeds the budget
-    (:func:`forward_chunk_budget`, default ``FF_CHUNK_BYTES``) runs over slices of its rows (all leading axes
-    flattened), except in a sharded trace, where slicing a split axis would gather it.
+    ``chunk_dim`` in a loop (:func:`~svd_jax.models.xla_ops.map_chunks`), as diffusers' forward chunking;
+    identical results, less memory. Without ``chunk_size``, a FF whose float32 hidden layer (rows x 2 inner)
+    exceeds ``options.forward_chunk_bytes`` runs over slices of its rows (all leading axes flattened), except in a
+    partitioned program (``options.partitioned``), where slicing a split axis would gather it.
     x (..., dim) -> (..., dim_out or dim).
     """
 
@@ -547,6 +502,7 @@ class FeedForward(nn.Module):
     chunk_dim: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x):
@@ -562,7 +518,8 @@ class FeedForward(nn.Module):
             return jnp.dot(a * jax.nn.gelu(g, approximate=False), k2) + b2
 
         if self.chunk_size is None:
-            return _auto_chunked(ff, x, 2 * inner * 4)
+            budget = None if self.options.partitioned else self.options.forward_chunk_bytes
+            return map_rows(ff, x, 2 * inner * 4, budget)
         ax, n = self.chunk_dim, x.shape[self.chunk_dim]
         if n % self.chunk_size:
             raise ValueError(f"forward chunking: axis {ax} of length {n} is not divisible by chunk_size {self.chunk_size}")

@@ -1,6 +1,6 @@
 """UNetSpatioTemporalConditionModel: the SVD denoiser, channels-last.
 
-Mirrors diffusers' ``UNetSpatioTemporalConditionModel`` (SPEC §2): frames are folded into the batch b-major
+Mirrors diffusers' ``UNetSpatioTemporalConditionModel``: frames are folded into the batch b-major
 (B*F, h, w, C) for every 2-D op; temporal resnets see (B, F, h, w, C); the spatio-temporal transformers
 attend over the h*w tokens of one frame, then over the F frames of one pixel. Quirks reproduced on purpose:
 GroupNorm eps 1e-6 in CrossAttnDown and all Up resnets but 1e-5 in DownBlock/mid resnets, temporal GroupNorm
@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ..options import DEFAULT_OPTIONS, ModelOptions
 from ..weights import DIFFUSERS_WEIGHTS, CheckpointError, PretrainedMixin, check_class_name, config_fields
 from .layers import (
     AlphaBlender,
@@ -57,14 +58,16 @@ class BasicTransformerBlock(nn.Module):
     chunk_dim: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x, context):
-        dt, pt = self.dtype, self.param_dtype
-        attn = lambda name: Attention(self.heads, self.dim_head, dtype=dt, param_dtype=pt, name=name)
+        dt, pt, o = self.dtype, self.param_dtype, self.options
+        attn = lambda name: Attention(self.heads, self.dim_head, dtype=dt, param_dtype=pt, options=o, name=name)
         x = attn("attn1")(LayerNorm(1e-5, dt, pt, name="norm1")(x)) + x
         x = attn("attn2")(LayerNorm(1e-5, dt, pt, name="norm2")(x), context) + x
-        ff = FeedForward(chunk_size=self.chunk_size, chunk_dim=self.chunk_dim, dtype=dt, param_dtype=pt, name="ff")
+        ff = FeedForward(chunk_size=self.chunk_size, chunk_dim=self.chunk_dim, dtype=dt, param_dtype=pt, options=o,
+                         name="ff")
         return ff(LayerNorm(1e-5, dt, pt, name="norm3")(x)) + x
 
 
@@ -81,14 +84,16 @@ class TemporalBasicTransformerBlock(nn.Module):
     chunk_size: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x, context):
-        dt, pt, f = self.dtype, self.param_dtype, self.num_frames
+        dt, pt, o, f = self.dtype, self.param_dtype, self.options, self.num_frames
         bf, s, c = x.shape
         h = x.reshape(bf // f, f, s, c).transpose(0, 2, 1, 3)  # (B, S, F, C)
-        ff = lambda name: FeedForward(chunk_size=self.chunk_size, chunk_dim=2, dtype=dt, param_dtype=pt, name=name)
-        attn = lambda name: Attention(self.heads, self.dim_head, dtype=dt, param_dtype=pt, name=name)
+        ff = lambda name: FeedForward(chunk_size=self.chunk_size, chunk_dim=2, dtype=dt, param_dtype=pt, options=o,
+                                      name=name)
+        attn = lambda name: Attention(self.heads, self.dim_head, dtype=dt, param_dtype=pt, options=o, name=name)
         h = ff("ff_in")(LayerNorm(1e-5, dt, pt, name="norm_in")(h)) + h
         h = attn("attn1")(LayerNorm(1e-5, dt, pt, name="norm1")(h)) + h
         h = attn("attn2")(LayerNorm(1e-5, dt, pt, name="norm2")(h), context) + h
@@ -106,10 +111,11 @@ class TransformerSpatioTemporalModel(nn.Module):
     chunk_dim: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x, ehs, image_only_indicator):
-        dt, pt = self.dtype, self.param_dtype
+        dt, pt, o = self.dtype, self.param_dtype, self.options
         b, f = image_only_indicator.shape
         bf, hh, ww, c = x.shape
         inner = self.heads * self.dim_head
@@ -124,9 +130,9 @@ class TransformerSpatioTemporalModel(nn.Module):
         emb = emb[:, None, :]
         mixer = AlphaBlender(0.5, "learned_with_images", dtype=dt, param_dtype=pt, name="time_mixer")
         for i in range(self.num_layers):
-            h = BasicTransformerBlock(self.heads, self.dim_head, self.chunk_size, self.chunk_dim, dt, pt,
+            h = BasicTransformerBlock(self.heads, self.dim_head, self.chunk_size, self.chunk_dim, dt, pt, o,
                                       name=f"transformer_blocks_{i}")(h, ehs)
-            hm = TemporalBasicTransformerBlock(self.heads, self.dim_head, f, self.chunk_size, dt, pt,
+            hm = TemporalBasicTransformerBlock(self.heads, self.dim_head, f, self.chunk_size, dt, pt, o,
                                                name=f"temporal_transformer_blocks_{i}")(h + emb, time_context)
             h = mixer(h, hm, image_only_indicator)
         h = dense(c, "proj_out", dt, pt)(h)
@@ -152,19 +158,22 @@ class _Block(nn.Module):
     chunk_dim: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, h, temb, ehs, ind, skips=None, upsample_size=None):
-        dt, pt, c = self.dtype, self.param_dtype, self.out_channels
+        dt, pt, o, c = self.dtype, self.param_dtype, self.options, self.out_channels
         cross = self.kind.startswith("CrossAttn") or self.kind == "mid"
         outputs = []
 
         def attn(j, h):
             return TransformerSpatioTemporalModel(self.heads, c // self.heads, self.transformer_layers[j],
-                                                  self.chunk_size, self.chunk_dim, dt, pt, name=f"attentions_{j}")(h, ehs, ind)
+                                                  self.chunk_size, self.chunk_dim, dt, pt, o,
+                                                  name=f"attentions_{j}")(h, ehs, ind)
 
         def resnet(j, h):
-            return SpatioTemporalResBlock(c, self.resnet_eps, dtype=dt, param_dtype=pt, name=f"resnets_{j}")(h, temb, ind)
+            return SpatioTemporalResBlock(c, self.resnet_eps, dtype=dt, param_dtype=pt, options=o,
+                                          name=f"resnets_{j}")(h, temb, ind)
 
         if self.kind == "mid":
             h = resnet(0, h)
@@ -179,10 +188,10 @@ class _Block(nn.Module):
                 h = attn(j, h)
             outputs.append(h)
         if self.add_sample and skips is None:
-            h = Downsample2D(c, padding=1, dtype=dt, param_dtype=pt, name="downsamplers_0")(h)
+            h = Downsample2D(c, padding=1, dtype=dt, param_dtype=pt, options=o, name="downsamplers_0")(h)
             outputs.append(h)
         elif self.add_sample:
-            h = Upsample2D(c, dt, pt, name="upsamplers_0")(h, upsample_size)
+            h = Upsample2D(c, dt, pt, o, name="upsamplers_0")(h, upsample_size)
         return (h, outputs) if skips is None else h
 
 
@@ -199,6 +208,8 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
 
     ``forward_chunk_size`` / ``forward_chunk_dim``: diffusers' ``enable_forward_chunking`` (feed-forwards
     run over slices; dim 0 = frames x batch, 1 = tokens; temporal blocks always slice frames).
+    ``options`` (:class:`~svd_jax.options.ModelOptions`): how it computes (attention backend, automatic
+    feed-forward slicing, partitioner hooks); never changes the parameter tree.
     """
 
     sample_size: Optional[int] = None
@@ -216,18 +227,19 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
     num_frames: int = 25
     forward_chunk_size: Optional[int] = None
     forward_chunk_dim: int = 0
-    constrain: Optional[Any] = None  # hook (N, h, w, C) -> same, called at block boundaries (sharding.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     _weights_names = (DIFFUSERS_WEIGHTS,)
 
     @classmethod
-    def from_config(cls, config, dtype=jnp.float32, **options):
-        """Build from a diffusers ``unet/config.json`` dict; ``options`` set module options (forward chunking)."""
+    def from_config(cls, config, dtype=jnp.float32, **fields):
+        """Build from a diffusers ``unet/config.json`` dict; ``fields`` set other module fields (forward
+        chunking, ``options``)."""
         check_class_name(config, "UNetSpatioTemporalConditionModel")
         kw = config_fields(cls, config)
-        kw.update(options)
+        kw.update(fields)
         kw = {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, tuple) else v)
               for k, v in kw.items()}
         module = cls(**kw, dtype=dtype, param_dtype=dtype)
@@ -279,7 +291,7 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
     @nn.compact
     def __call__(self, sample, timestep, encoder_hidden_states, added_time_ids) -> UNetOutput:
         self._check_inputs(sample, timestep, encoder_hidden_states, added_time_ids)
-        dt, pt = self.dtype, self.param_dtype
+        dt, pt, o = self.dtype, self.param_dtype, self.options
         n, heads, _, layers, tlayers = self._levels()
         b, f, hh, ww, _ = sample.shape
         ch0 = self.block_out_channels[0]
@@ -298,10 +310,11 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
         ehs = jnp.repeat(encoder_hidden_states.astype(dt), f, axis=0)
         ind = jnp.zeros((b, f), dt)
 
-        c = self.constrain or (lambda a: a)
-        x = c(conv(ch0, (3, 3), "conv_in", dt, pt)(x))
+        c = o.constrain_activations
+        x = c(conv(ch0, (3, 3), "conv_in", dt, pt, o)(x))
         skips = [x]
-        opts = dict(chunk_size=self.forward_chunk_size, chunk_dim=self.forward_chunk_dim, dtype=dt, param_dtype=pt)
+        opts = dict(chunk_size=self.forward_chunk_size, chunk_dim=self.forward_chunk_dim, dtype=dt, param_dtype=pt,
+                    options=o)
         for i, kind in enumerate(self.down_block_types):
             eps = 1e-6 if kind.startswith("CrossAttn") else 1e-5  # diffusers ignores the resnet_eps it passes
             x, outs = _Block(kind, self.block_out_channels[i], layers[i], _per_layer(tlayers[i], layers[i]), heads[i],
@@ -327,7 +340,7 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
             x = c(x)
 
         x = nn.silu(GroupNorm(32, 1e-5, dt, pt, name="conv_norm_out")(x))
-        x = conv(self.out_channels, (3, 3), "conv_out", dt, pt)(x)
+        x = conv(self.out_channels, (3, 3), "conv_out", dt, pt, o)(x)
         return UNetOutput(sample=x.reshape((b, f) + x.shape[1:]))
 
     def init_params_abstract(self):

@@ -1,6 +1,6 @@
 """AutoencoderKLTemporalDecoder: the SVD VAE (2-D encoder + quant_conv, temporal decoder), channels-last.
 
-Mirrors diffusers' ``AutoencoderKLTemporalDecoder`` (SPEC §3): the encoder is the SD VAE encoder
+Mirrors diffusers' ``AutoencoderKLTemporalDecoder``: the encoder is the SD VAE encoder
 (DownEncoderBlock2D levels, right/bottom-padded stride-2 downsamplers, single-head mid attention), the
 decoder interleaves per-frame spatial resnets with temporal resnets (Conv3d (3,1,1), GroupNorm pooled over
 frames) mixed by a learned AlphaBlender in the decoder's direction, and ends with ``time_conv_out``.
@@ -16,21 +16,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..weights import CheckpointError, DIFFUSERS_WEIGHTS, PretrainedMixin, check_class_name, config_fields
+from ..options import DEFAULT_OPTIONS, ModelOptions
+from ..weights import DIFFUSERS_WEIGHTS, CheckpointError, PretrainedMixin, check_class_name, config_fields
 from .layers import (
     Attention,
-    Conv,
     Downsample2D,
     GroupNorm,
     ResnetBlock2D,
     SpatioTemporalResBlock,
     Upsample2D,
-    barrier_slice,
     conv,
-    group_normalize,
-    map_chunks,
     to_tokens,
 )
+from .xla_ops import barrier_slice, map_chunks
 
 Dtype = Any
 
@@ -65,10 +63,10 @@ class DiagonalGaussian:
         return 0.5 * jnp.sum(jnp.square(self.mean) + self.var - 1.0 - self.logvar, axis=(1, 2, 3))
 
 
-def _attention_1head(channels: int, dt, pt, name: str) -> Attention:
+def _attention_1head(channels: int, dt, pt, o, name: str) -> Attention:
     # The VAE's attention blocks: one head of width C, GroupNorm(32, eps 1e-6) first, biased, residual.
     return Attention(heads=1, dim_head=channels, bias=True, norm_num_groups=32, norm_eps=1e-6,
-                     residual_connection=True, dtype=dt, param_dtype=pt, name=name)
+                     residual_connection=True, dtype=dt, param_dtype=pt, options=o, name=name)
 
 
 def _image_attention(attn: Attention, x):
@@ -86,16 +84,19 @@ class DownEncoderBlock2D(nn.Module):
     groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, h):
-        dt, pt = self.dtype, self.param_dtype
+        dt, pt, o = self.dtype, self.param_dtype, self.options
         for j in range(self.num_layers):
-            h = ResnetBlock2D(self.out_channels, 1e-6, self.groups, dtype=dt, param_dtype=pt, name=f"resnets_{j}")(h)
+            h = ResnetBlock2D(self.out_channels, 1e-6, self.groups, dtype=dt, param_dtype=pt, options=o,
+                              name=f"resnets_{j}")(h)
             if self.add_attention:
-                h = _image_attention(_attention_1head(self.out_channels, dt, pt, f"attentions_{j}"), h)
+                h = _image_attention(_attention_1head(self.out_channels, dt, pt, o, f"attentions_{j}"), h)
         if self.add_downsample:  # VAE encoder: pad right/bottom only (padding=0)
-            h = Downsample2D(self.out_channels, padding=0, dtype=dt, param_dtype=pt, name="downsamplers_0")(h)
+            h = Downsample2D(self.out_channels, padding=0, dtype=dt, param_dtype=pt, options=o,
+                             name="downsamplers_0")(h)
         return h
 
 
@@ -107,14 +108,15 @@ class UNetMidBlock2D(nn.Module):
     groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, h):
-        dt, pt, c = self.dtype, self.param_dtype, self.channels
-        h = ResnetBlock2D(c, 1e-6, self.groups, dtype=dt, param_dtype=pt, name="resnets_0")(h)
+        dt, pt, o, c = self.dtype, self.param_dtype, self.options, self.channels
+        h = ResnetBlock2D(c, 1e-6, self.groups, dtype=dt, param_dtype=pt, options=o, name="resnets_0")(h)
         if self.add_attention:
-            h = _image_attention(_attention_1head(c, dt, pt, "attentions_0"), h)
-        return ResnetBlock2D(c, 1e-6, self.groups, dtype=dt, param_dtype=pt, name="resnets_1")(h)
+            h = _image_attention(_attention_1head(c, dt, pt, o, "attentions_0"), h)
+        return ResnetBlock2D(c, 1e-6, self.groups, dtype=dt, param_dtype=pt, options=o, name="resnets_1")(h)
 
 
 class Encoder(nn.Module):
@@ -128,25 +130,26 @@ class Encoder(nn.Module):
     mid_block_add_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x):
-        dt, pt, g = self.dtype, self.param_dtype, self.norm_num_groups
-        h = conv(self.block_out_channels[0], (3, 3), "conv_in", dt, pt)(x)
+        dt, pt, o, g = self.dtype, self.param_dtype, self.options, self.norm_num_groups
+        h = conv(self.block_out_channels[0], (3, 3), "conv_in", dt, pt, o)(x)
         n = len(self.block_out_channels)
         for i, (kind, ch) in enumerate(zip(self.down_block_types, self.block_out_channels)):
             h = DownEncoderBlock2D(ch, self.layers_per_block, i < n - 1, kind == "AttnDownEncoderBlock2D", g,
-                                   dt, pt, name=f"down_blocks_{i}")(h)
+                                   dt, pt, o, name=f"down_blocks_{i}")(h)
         c = self.block_out_channels[-1]
-        h = UNetMidBlock2D(c, self.mid_block_add_attention, g, dt, pt, name="mid_block")(h)
+        h = UNetMidBlock2D(c, self.mid_block_add_attention, g, dt, pt, o, name="mid_block")(h)
         h = nn.silu(GroupNorm(g, 1e-6, dt, pt, name="conv_norm_out")(h))
-        return conv(2 * self.out_channels, (3, 3), "conv_out", dt, pt)(h)
+        return conv(2 * self.out_channels, (3, 3), "conv_out", dt, pt, o)(h)
 
 
-def _decoder_resblock(ch, dt, pt, name):
+def _decoder_resblock(ch, dt, pt, o, name=None):
     return SpatioTemporalResBlock(
         ch, eps=1e-6, temporal_eps=1e-5, merge_factor=0.0, merge_strategy="learned",
-        switch_spatial_to_temporal_mix=True, use_temb=False, dtype=dt, param_dtype=pt, name=name,
+        switch_spatial_to_temporal_mix=True, use_temb=False, dtype=dt, param_dtype=pt, options=o, name=name,
     )
 
 
@@ -162,12 +165,13 @@ class MidBlockTemporalDecoder(nn.Module):
     num_layers: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, h, ind):
-        dt, pt, c = self.dtype, self.param_dtype, self.channels
-        resnets = [_decoder_resblock(c, dt, pt, f"resnets_{j}") for j in range(self.num_layers)]
-        attn = _attention_1head(c, dt, pt, "attentions_0")
+        dt, pt, o, c = self.dtype, self.param_dtype, self.options, self.channels
+        resnets = [_decoder_resblock(c, dt, pt, o, f"resnets_{j}") for j in range(self.num_layers)]
+        attn = _attention_1head(c, dt, pt, o, "attentions_0")
         h = resnets[0](h, None, ind)
         if len(resnets) > 1:
             h = resnets[1](_image_attention(attn, h), None, ind)
@@ -187,44 +191,74 @@ class UpBlockTemporalDecoder(nn.Module):
     add_upsample: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
-    @nn.compact
+    def setup(self):
+        dt, pt, o = self.dtype, self.param_dtype, self.options
+        self.resnets = [_decoder_resblock(self.out_channels, dt, pt, o) for _ in range(self.num_layers)]
+        self.upsamplers = [Upsample2D(self.out_channels, dt, pt, o)] if self.add_upsample else []
+
     def __call__(self, h, ind):
-        dt, pt = self.dtype, self.param_dtype
-        for j in range(self.num_layers):
-            h = _decoder_resblock(self.out_channels, dt, pt, f"resnets_{j}")(h, None, ind)
-        if self.add_upsample:
-            h = Upsample2D(self.out_channels, dt, pt, name="upsamplers_0")(h)
+        for r in self.resnets:
+            h = r(h, None, ind)
+        for up in self.upsamplers:
+            h = up(h)
         return h
 
 
 class TemporalDecoder(nn.Module):
-    """diffusers ``TemporalDecoder``: z (B*F, h, w, in) b-major, num_frames F -> (B*F, 8h, 8w, out)."""
+    """diffusers ``TemporalDecoder``: z (B*F, h, w, in) b-major, num_frames F -> (B*F, 8h, 8w, out).
+
+    In three parts, each a method, that the plain call and the streamed decode (:func:`decode_streamed`) both
+    run: :meth:`head` (conv_in, mid block), the up blocks' own modules (``up_blocks[i].resnets``,
+    ``.upsamplers``), :meth:`frame_out` (norm, SiLU, conv_out per frame) and :meth:`video_out` (time_conv_out).
+    ``options.constrain`` pins activations at block boundaries.
+    """
 
     out_channels: int = 3
     block_out_channels: Sequence[int] = (128, 256, 512, 512)
     layers_per_block: int = 2
-    constrain: Optional[Any] = None  # hook (N, h, w, C) -> same, called at block boundaries (sharding.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
-    @nn.compact
+    def setup(self):
+        dt, pt, o = self.dtype, self.param_dtype, self.options
+        top, n = self.block_out_channels[-1], len(self.block_out_channels)
+        self.conv_in = conv(top, (3, 3), None, dt, pt, o)
+        self.mid_block = MidBlockTemporalDecoder(top, self.layers_per_block, dt, pt, o)
+        self.up_blocks = [UpBlockTemporalDecoder(ch, self.layers_per_block + 1, i < n - 1, dt, pt, o)
+                          for i, ch in enumerate(reversed(self.block_out_channels))]
+        self.conv_norm_out = GroupNorm(32, 1e-6, dt, pt)
+        self.conv_out = conv(self.out_channels, (3, 3), None, dt, pt, o)
+        self.time_conv_out = conv(self.out_channels, (3, 1, 1), None, dt, pt, o)
+
     def __call__(self, z, num_frames: int):
-        dt, pt = self.dtype, self.param_dtype
-        ind = jnp.zeros((z.shape[0] // num_frames, num_frames), dt)  # image_only_indicator; "learned" ignores it
-        top = self.block_out_channels[-1]
-        c = self.constrain or (lambda a: a)
-        h = c(conv(top, (3, 3), "conv_in", dt, pt)(z))
-        h = c(MidBlockTemporalDecoder(top, self.layers_per_block, dt, pt, name="mid_block")(h, ind))
-        n = len(self.block_out_channels)
-        for i, ch in enumerate(reversed(self.block_out_channels)):
-            h = UpBlockTemporalDecoder(ch, self.layers_per_block + 1, i < n - 1, dt, pt, name=f"up_blocks_{i}")(h, ind)
-            h = c(h)
-        h = nn.silu(GroupNorm(32, 1e-6, dt, pt, name="conv_norm_out")(h))
-        h = conv(self.out_channels, (3, 3), "conv_out", dt, pt)(h)
-        v = h.reshape((-1, num_frames) + h.shape[1:])  # (B, F, H, W, C): per-pixel conv over frames
-        v = conv(self.out_channels, (3, 1, 1), "time_conv_out", dt, pt)(v)
-        return v.reshape(h.shape)
+        c = self.options.constrain_activations
+        h, ind = self.head(z, num_frames)
+        for blk in self.up_blocks:
+            h = c(blk(h, ind))
+        return self.video_out(self.frame_out(h), num_frames)
+
+    def indicator(self, n: int, num_frames: int):
+        """image_only_indicator (videos, num_frames) of n frames; the decoder's "learned" mixers ignore it."""
+        return jnp.zeros((n // num_frames, num_frames), self.dtype)
+
+    def head(self, z, num_frames: int):
+        """conv_in and the mid block: z (B*F, h, w, in) -> ((B*F, h, w, C_top), indicator (B, F))."""
+        c = self.options.constrain_activations
+        ind = self.indicator(z.shape[0], num_frames)
+        h = c(self.conv_in(z))
+        return c(self.mid_block(h, ind)), ind
+
+    def frame_out(self, h):
+        """The per-frame output layers: (N, H, W, C0) -> (N, H, W, out)."""
+        return self.conv_out(nn.silu(self.conv_norm_out(h)))
+
+    def video_out(self, h, num_frames: int):
+        """time_conv_out, a per-pixel conv over each video's frames: (B*F, H, W, out) -> same."""
+        v = h.reshape((-1, num_frames) + h.shape[1:])
+        return self.time_conv_out(v).reshape(h.shape)
 
 
 class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
@@ -247,18 +281,18 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
     sample_size: int = 32
     scaling_factor: float = 0.18215
     force_upcast: bool = True
-    constrain: Optional[Any] = None  # sharding hook for the decoder's activations (sharding.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    options: ModelOptions = DEFAULT_OPTIONS
 
     _weights_names = (DIFFUSERS_WEIGHTS,)
 
     @classmethod
-    def from_config(cls, config, dtype=jnp.float32):
+    def from_config(cls, config, dtype=jnp.float32, options: ModelOptions = DEFAULT_OPTIONS):
         """Build from a diffusers ``vae/config.json`` dict; unsupported values raise a clear error."""
         check_class_name(config, "AutoencoderKLTemporalDecoder")
         kw = config_fields(cls, config)
-        module = cls(**kw, dtype=dtype, param_dtype=dtype)
+        module = cls(**kw, dtype=dtype, param_dtype=dtype, options=options)
         module.validate()
         return module
 
@@ -281,12 +315,12 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
         return 2 ** (len(self.block_out_channels) - 1)
 
     def setup(self):
-        dt, pt = self.dtype, self.param_dtype
+        dt, pt, o = self.dtype, self.param_dtype, self.options
         self.encoder = Encoder(self.latent_channels, tuple(self.down_block_types), tuple(self.block_out_channels),
-                               self.layers_per_block, dtype=dt, param_dtype=pt)
-        self.quant_conv = Conv(2 * self.latent_channels, (1, 1), dtype=dt, param_dtype=pt)
+                               self.layers_per_block, dtype=dt, param_dtype=pt, options=o)
+        self.quant_conv = conv(2 * self.latent_channels, (1, 1), None, dt, pt, o)
         self.decoder = TemporalDecoder(self.out_channels, tuple(self.block_out_channels), self.layers_per_block,
-                                       self.constrain, dtype=dt, param_dtype=pt)
+                                       dtype=dt, param_dtype=pt, options=o)
 
     def encode(self, x) -> DiagonalGaussian:
         """x (N, H, W, in_channels) in [-1, 1] -> posterior with mean/logvar (N, H/8, W/8, latent_channels)."""
@@ -299,6 +333,11 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
 
     def decode(self, z, num_frames: int = 1):
         """z (N, h, w, latent_channels), N = videos x num_frames, b-major -> images (N, 8h, 8w, out_channels)."""
+        self.check_latents(z, num_frames)
+        return self.decoder(z.astype(self.dtype), num_frames)
+
+    def check_latents(self, z, num_frames: int):
+        """ValueError unless z is (videos x num_frames, h, w, latent_channels)."""
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive int; got {num_frames!r}")
         if z.ndim != 4 or z.shape[-1] != self.latent_channels:
@@ -308,7 +347,6 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
             raise ValueError(
                 f"VAE decode: {z.shape[0]} latents are not a whole number of videos of num_frames={num_frames}"
             )
-        return self.decoder(z.astype(self.dtype), num_frames)
 
     def __call__(self, x, num_frames: int = 1):
         return self.decode(self.encode(x).mode(), num_frames)
@@ -338,63 +376,55 @@ def _per_frame(fn, x, frame_chunk: Optional[int], slice_bytes: int):
     return map_chunks(fn, x, 0, _divisor_at_most(x.shape[0], frame_chunk))
 
 
-def _group_sum(x, groups: int):
-    """x (B, F, t, W, C) -> float32 sums per (video, channel group), (B, G)."""
-    xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
-    return xg.sum(axis=(1, 2, 3, 5))
+def _temporal_tiled(block: SpatioTemporalResBlock, hs, ind, row_tile: Optional[int], slice_bytes: int):
+    """The temporal half and mixer of a (bound) decoder ``block`` on hs (N, H, W, C), in row tiles.
 
-
-def _group_norm(x, mean, var, p, eps: float, dtype):
-    """GroupNorm of x (B, F, t, W, C) with float32 statistics (B, G) taken over all of a video's rows."""
-    return group_normalize(x, mean[:, None, None, None, :, None], var[:, None, None, None, :, None], p["scale"],
-                           p["bias"], eps, dtype)
-
-
-def _temporal_block_tiled(pr, hs, num_frames: int, row_tile: Optional[int], slice_bytes: int, dt, pt,
-                          groups: int = 32, eps: float = 1e-5):
-    """SpatioTemporalResBlock's temporal half and mixer (decoder settings) on hs (N, H, W, C), in row tiles.
-
-    The temporal resnet's convolutions are (3, 1, 1): each row tile holds every frame, so only its GroupNorms
-    need all rows, and their statistics are summed over the tiles first (two passes, as layers.GroupNorm).
-    Tiles of ``row_tile`` rows, or of the most rows that stay within ``slice_bytes``.
+    The temporal resnet's convolutions are (3, 1, 1): each tile of rows holding every frame runs alone once its
+    GroupNorms' statistics (pooled over frames and rows) are known; they are summed over the tiles first (two
+    passes, as GroupNorm). Tiles of ``row_tile`` rows, or of the most rows that stay within ``slice_bytes``.
     """
     n, H, W, C = hs.shape
-    b = n // num_frames
+    b, num_frames = ind.shape
     if row_tile is None:
         row_tile = max(1, slice_bytes // (n * W * C * hs.dtype.itemsize))
     t = _divisor_at_most(H, row_tile)
     x5 = hs.reshape(b, num_frames, H, W, C)
     tile = lambda i: barrier_slice(x5, i * t, t, 2)  # (B, F, t, W, C): rows [i t, (i + 1) t) of every frame
-    nt = H // t
-    count = num_frames * H * W * (C // groups)
-    p = pr["temporal_res_block"]
-    conv_t = Conv(C, (3, 1, 1), dtype=dt, param_dtype=pt)
-    sum_tiles = lambda fn: jax.lax.map(lambda i: fn(tile(i)), jnp.arange(nt)).sum(axis=0)
+    temporal, mixer = block.temporal_res_block, block.time_mixer
+    sum_tiles = lambda fn: jax.lax.map(lambda i: fn(tile(i)), jnp.arange(H // t)).sum(axis=0)
 
-    mean1 = sum_tiles(lambda x: _group_sum(x, groups)) / count
-    var1 = sum_tiles(lambda x: _group_sum(jnp.square(x.astype(jnp.float32) - _bcast(mean1, groups, C)), groups)) / count
+    def stats(norm, fn):  # (mean, var) of fn(x5) (B, G), accumulated tile by tile
+        count = norm.count(x5.shape)
+        mean = sum_tiles(lambda x: norm.partial_sums(fn(x))) / count
+        return mean, sum_tiles(lambda x: norm.partial_sums(fn(x), mean)) / count
 
-    def h1(x):
-        return conv_t.apply({"params": p["conv1"]}, nn.silu(_group_norm(x, mean1, var1, p["norm1"], eps, dt)))
-
-    mean2 = sum_tiles(lambda x: _group_sum(h1(x), groups)) / count
-    var2 = sum_tiles(lambda x: _group_sum(jnp.square(h1(x).astype(jnp.float32) - _bcast(mean2, groups, C)),
-                                          groups)) / count
-    alpha = 1.0 - jax.nn.sigmoid(pr["time_mixer"]["mix_factor"].astype(jnp.float32)).reshape(()).astype(dt)
-
-    def out(x):
-        h2 = conv_t.apply({"params": p["conv2"]}, nn.silu(_group_norm(h1(x), mean2, var2, p["norm2"], eps, dt)))
-        return alpha * x + (1.0 - alpha) * (x + h2)  # AlphaBlender, "learned", switched to the temporal side
-
+    stats1 = stats(temporal.norm1, lambda x: x)
+    h1 = lambda x: temporal.first_half(x, None, stats1)
+    stats2 = stats(temporal.norm2, h1)
+    out = lambda x: mixer(x, temporal.second_half(x, h1(x), stats2), ind)
     return map_chunks(out, x5, 2, t).reshape(n, H, W, C)
 
 
-def _bcast(stat, groups: int, channels: int):
-    """(B, G) group statistics -> broadcastable against (B, F, t, W, C) as float32 per channel."""
-    return jnp.repeat(stat, channels // groups, axis=-1)[:, None, None, None, :]
-
-
 SLICE_BYTES = 256 * 2**20  # decode_streamed's default slice size (input or output of one step)
+
+
+def _streamed(vae: AutoencoderKLTemporalDecoder, z, num_frames: int, frame_chunk, row_tile, slice_bytes):
+    # On the bound VAE: its decoder's own modules, in the decoder's order, run in slices.
+    vae.check_latents(z, num_frames)
+    dec = vae.decoder
+    h, ind = dec.head(z.astype(vae.dtype), num_frames)
+    pending = None  # the previous block's upsampler, run in the same frame chunks as the next spatial resnet
+    for blk in dec.up_blocks:
+        for r in blk.resnets:
+            def stage(x, pre=pending, spatial=r.spatial_res_block):
+                return spatial(x if pre is None else pre(x))
+
+            pending = None
+            h = _per_frame(stage, h, frame_chunk, slice_bytes)
+            h = _temporal_tiled(r, h, ind, row_tile, slice_bytes)
+        pending = blk.upsamplers[0] if blk.upsamplers else None
+    h = _per_frame(dec.frame_out, h, frame_chunk, slice_bytes)
+    return dec.video_out(h, num_frames)
 
 
 def decode_streamed(vae: AutoencoderKLTemporalDecoder, params, z, num_frames: int,
@@ -403,12 +433,14 @@ def decode_streamed(vae: AutoencoderKLTemporalDecoder, params, z, num_frames: in
     """``vae.decode(z, num_frames)`` computed layer by layer in slices, so that no layer's whole activations and
     temporaries exist at once: the same maths (up to float summation order), for one device (no mesh).
 
-    Per-frame layers (spatial resnets, each upsampler fused with the next spatial resnet, the output norm and
-    conv) run ``frame_chunk`` frames at a time; temporal resnets and their mixers run in tiles of ``row_tile``
-    rows holding all frames (the GroupNorm statistics, pooled over frames and rows, are summed over the tiles
-    first). By default both are as large as ``slice_bytes`` allows at each resolution (SVD-XT, bf16: one
-    full-resolution frame, all 25 frames at the lowest level), so small levels run in few steps. The conv_in,
-    the mid block (lowest resolution) and time_conv_out (3 channels) run whole.
+    It runs the decoder's own modules (:class:`TemporalDecoder`: head, up blocks' resnets and upsamplers, frame
+    and video output), so every constant comes from the one module configuration. Per-frame layers (spatial
+    resnets, each upsampler fused with the next spatial resnet, the output norm and conv) run ``frame_chunk``
+    frames at a time; temporal resnets and their mixers run in tiles of ``row_tile`` rows holding all frames (the
+    GroupNorm statistics, pooled over frames and rows, are summed over the tiles first). By default both are as
+    large as ``slice_bytes`` allows at each resolution (SVD-XT, bf16: one full-resolution frame, all 25 frames at
+    the lowest level), so small levels run in few steps. The conv_in, the mid block (lowest resolution) and
+    time_conv_out (3 channels) run whole.
 
     Args:
       params: the VAE's parameters (``{"encoder": ..., "decoder": ..., ...}``).
@@ -416,36 +448,4 @@ def decode_streamed(vae: AutoencoderKLTemporalDecoder, params, z, num_frames: in
     Returns:
       (N, 8h, 8w, out_channels), as ``decode``.
     """
-    if z.ndim != 4 or z.shape[0] % num_frames:
-        raise ValueError(f"decode_streamed: z must be (videos x num_frames, h, w, C); got {tuple(z.shape)}")
-    dt, pt = vae.dtype, vae.param_dtype
-    p = params["decoder"]
-    b = z.shape[0] // num_frames
-    ind = jnp.zeros((b, num_frames), dt)
-    chans = list(reversed(vae.block_out_channels))
-    h = Conv(chans[0], (3, 3), dtype=dt, param_dtype=pt).apply({"params": p["conv_in"]}, z.astype(dt))
-    h = MidBlockTemporalDecoder(chans[0], vae.layers_per_block, dt, pt).apply({"params": p["mid_block"]}, h, ind)
-    pending = None  # the previous block's upsampler, run in the same frame chunks as the next spatial resnet
-    for i, ch in enumerate(chans):
-        pb = p[f"up_blocks_{i}"]
-        for j in range(vae.layers_per_block + 1):
-            pr = pb[f"resnets_{j}"]
-            spatial = ResnetBlock2D(ch, 1e-6, use_temb=False, dtype=dt, param_dtype=pt)
-
-            def stage(x, pre=pending, spatial=spatial, ps=pr["spatial_res_block"]):
-                return spatial.apply({"params": ps}, x if pre is None else pre(x))
-
-            pending = None
-            h = _per_frame(stage, h, frame_chunk, slice_bytes)
-            h = _temporal_block_tiled(pr, h, num_frames, row_tile, slice_bytes, dt, pt)
-        if i < len(chans) - 1:
-            up = Upsample2D(ch, dt, pt)
-            pending = lambda x, up=up, pu=pb["upsamplers_0"]: up.apply({"params": pu}, x)
-    norm = GroupNorm(32, 1e-6, dt, pt)
-    conv_out = Conv(vae.out_channels, (3, 3), dtype=dt, param_dtype=pt)
-    h = _per_frame(lambda x: conv_out.apply({"params": p["conv_out"]},
-                                            nn.silu(norm.apply({"params": p["conv_norm_out"]}, x))), h, frame_chunk,
-                   slice_bytes)
-    v = h.reshape((b, num_frames) + h.shape[1:])
-    v = Conv(vae.out_channels, (3, 1, 1), dtype=dt, param_dtype=pt).apply({"params": p["time_conv_out"]}, v)
-    return v.reshape(h.shape)
+    return vae.apply({"params": params}, z, num_frames, frame_chunk, row_tile, slice_bytes, method=_streamed)

@@ -1,0 +1,268 @@
+"""StableVideoDiffusionPipeline: image -> video, the whole generation as ONE jitted program.
+
+A thin shell over the pure stages (svd_jax/pipeline/stages.py): :meth:`~StableVideoDiffusionPipeline.from_pretrained`
+loads the three networks, a call checks its arguments and builds the program inputs (svd_jax/pipeline/inputs.py),
+and one ``jax.jit``-compiled :func:`~svd_jax.pipeline.stages.generate` per static configuration
+(:class:`~svd_jax.options.GenerationConfig`) runs CLIP, the VAE encode, every denoising step (``lax.scan``) and the
+frame-chunked decode. A second call with the same configuration reuses the compiled program.
+
+Differences from diffusers, both only for batches of more than one video:
+  * diffusers repeats image embeddings per image ([e0, e0, e1, e1]) but tiles image latents ([z0, z1, z0, z1])
+    when ``num_videos_per_prompt > 1``; here both are repeated per image, so every video is conditioned on
+    one image.
+  * diffusers decodes chunks of the flattened (videos x frames) axis, so a chunk can straddle two videos and
+    its temporal layers mix them; here chunks never leave a video.
+For one video (B = 1) the result equals diffusers' (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+from jax.sharding import Mesh
+
+from .. import preprocessing as pre
+from ..compile_cache import enable_compile_cache
+from ..models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
+from ..options import DEFAULT_OPTIONS, MiB, ModelOptions
+from ..scheduler import EulerScheduler
+from ..sharding import Partitioner
+from ..weights import FLAX_DTYPES, CheckpointError, resolve_pipeline_root
+from . import progress, stages
+from .inputs import GenerationRequest, prepare
+
+COMPONENTS = ("unet", "vae", "image_encoder", "scheduler")
+# One device: decode chunks whose full-resolution activations (chunk x H x W x the decoder's last channels) would
+# exceed this are decoded streamed (frame chunks / row tiles): the same video in a fraction of the memory.
+STREAM_DECODE_BYTES = 1024 * MiB
+
+
+@dataclasses.dataclass
+class StableVideoDiffusionPipelineOutput:
+    """frames: "pil": a list (per video) of lists of PIL images; "np": (B, F, H, W, 3) float32 in [0, 1];
+    "latent": the final latents (B, F, h, w, C) as a jax.Array."""
+
+    frames: Any
+
+
+def resolve_dtype(dtype, mesh: Optional[Mesh] = None) -> jnp.dtype:
+    """``"auto"`` -> bfloat16 on TPU/GPU, float32 on CPU (the platform of ``mesh``'s devices, else the default
+    backend); a float dtype (or its name) -> itself; anything else raises."""
+    if isinstance(dtype, str) and dtype == "auto":
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in FLAX_DTYPES:
+        raise ValueError(f"dtype must be one of {FLAX_DTYPES} or 'auto'; got {dtype!r}")
+    return dt
+
+
+class StableVideoDiffusionPipeline:
+    """SVD / SVD-XT image-to-video in JAX. Build with :meth:`from_pretrained`; call with an image.
+
+    Attributes:
+      unet, vae, image_encoder: the Flax modules; scheduler: :class:`EulerScheduler`;
+      params: {"unet": ..., "vae": ..., "image_encoder": ...} parameter trees; dtype: compute dtype.
+      options: the :class:`~svd_jax.options.ModelOptions` the networks run with (``attention`` and
+        ``forward_chunk_bytes`` read and set its fields); part of the compiled configuration, so a change
+        recompiles on the next call.
+      stream_decode_bytes: on one device, decode chunks whose full-resolution activations exceed this many bytes
+        are decoded streamed (None: never); part of the compiled configuration.
+      partitioner: the :class:`~svd_jax.sharding.Partitioner` of the mesh the pipeline runs on, or None.
+    """
+
+    def __init__(self, unet: UNetSpatioTemporalConditionModel, vae: AutoencoderKLTemporalDecoder,
+                 image_encoder: CLIPVisionModelWithProjection, scheduler: EulerScheduler, params: dict,
+                 dtype=jnp.float32, image_mean=pre.CLIP_MEAN, image_std=pre.CLIP_STD,
+                 partitioner: Optional[Partitioner] = None, attention: str = "auto",
+                 options: Optional[ModelOptions] = None):
+        self.options = _merge_options(options, attention)
+        enable_compile_cache()  # compiled generations persist across processes (opt out: SVD_JAX_COMPILE_CACHE=0)
+        self.partitioner = partitioner
+        self.stream_decode_bytes: Optional[int] = STREAM_DECODE_BYTES
+        self.unet, self.vae, self.image_encoder, self.scheduler = unet, vae, image_encoder, scheduler
+        self.params = params
+        self.dtype = jnp.dtype(dtype)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.vae_scale_factor = vae.downscale
+        self._jitted = jax.jit(self._program, static_argnames=("config",))
+        self._compiled = {}  # programs built by compile(), by _program_key: calls with that key run them
+        self.trace_count = 0  # how many times the generation was traced (compiled); for tests and users
+
+    @property
+    def attention(self) -> str:
+        """The attention backend (``svd_jax.options.ATTENTION_BACKENDS``); setting it recompiles on the next call."""
+        return self.options.attention
+
+    @attention.setter
+    def attention(self, name: str):
+        self.options = self.options.replace(attention=name)
+
+    @property
+    def forward_chunk_bytes(self) -> Optional[int]:
+        """Feed-forwards whose float32 hidden layer exceeds this many bytes run in row slices (None: never)."""
+        return self.options.forward_chunk_bytes
+
+    @forward_chunk_bytes.setter
+    def forward_chunk_bytes(self, max_bytes: Optional[int]):
+        self.options = self.options.replace(forward_chunk_bytes=max_bytes)
+
+    @property
+    def modules(self) -> stages.Modules:
+        """The three networks, as the stage functions take them."""
+        return stages.Modules(self.unet, self.vae, self.image_encoder)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype="auto", variant: Optional[str] = None,
+                        *, mesh: Optional[Mesh] = None, fsdp: bool = False, attention: str = "auto",
+                        options: Optional[ModelOptions] = None, revision: Optional[str] = None, cache_dir=None,
+                        local_files_only: bool = False):
+        """Load a diffusers-layout SVD folder or hub repo (model_index.json, unet/, vae/, image_encoder/,
+        scheduler/, feature_extractor/). ``variant="fp16"`` reads the fp16 files; weights are cast to ``dtype``.
+
+        ``dtype``: the compute and parameter dtype (float32, bfloat16 or float16), or ``"auto"``: bfloat16 on
+        TPU and GPU, float32 on CPU (XLA's CPU backend computes bf16 matmuls in f32, so bf16 only loses there).
+        Norms, softmax, sinusoids and the scheduler run in float32 whatever the dtype.
+
+        ``mesh`` (:func:`svd_jax.sharding.make_mesh`): parameters are placed on the mesh as they load (each
+        device reads its own slice from the memory-mapped file: replicated, or split over all devices with
+        ``fsdp=True``) and every call runs sharded (videos and CFG halves over ``data``, frame height over
+        ``space``). Without a mesh everything runs on the default device.
+
+        ``attention``: the attention backend ("auto", "xla", "blockwise", "cudnn", "pallas"; see
+        :mod:`svd_jax.models.attention`); ``options``: all the model options (:class:`ModelOptions`), of which
+        ``attention`` sets one. Both can be changed later (``pipe.attention``, ``pipe.options``); the next call
+        recompiles.
+        """
+        options = _merge_options(options, attention)  # checked before anything is loaded
+        dtype = resolve_dtype(dtype, mesh)
+        root = resolve_pipeline_root(path_or_repo_id, variant, revision, cache_dir, local_files_only)
+        index = root / "model_index.json"
+        if not index.is_file():
+            raise CheckpointError(f"{root}: no model_index.json; not a diffusers pipeline folder")
+        missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+        if missing:
+            raise CheckpointError(f"{root}: the pipeline folder is missing component folder(s) {missing}; "
+                                  f"an SVD pipeline needs {list(COMPONENTS)}")
+        part = Partitioner(mesh, fsdp) if mesh is not None else None
+        kw = dict(variant=variant, param_sharding=part.param_sharding if part is not None else None)
+        unet, up = UNetSpatioTemporalConditionModel.from_pretrained(root, "unet", dtype, **kw)
+        vae, vp = AutoencoderKLTemporalDecoder.from_pretrained(root, "vae", dtype, **kw)
+        enc, ep = CLIPVisionModelWithProjection.from_pretrained(root, "image_encoder", dtype, **kw)
+        scheduler = EulerScheduler.from_pretrained(root, subfolder="scheduler")
+        mean, std = pre.CLIP_MEAN, pre.CLIP_STD
+        fe = root / "feature_extractor" / "preprocessor_config.json"
+        if fe.is_file():
+            cfg = json.loads(fe.read_text())
+            mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
+        return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std, part,
+                   options=options)
+
+    def _program(self, params, inputs, *, config):
+        self.trace_count += 1
+        return stages.generate(self.modules, params, inputs, config)
+
+    def _prepare(self, image, req: GenerationRequest):
+        return prepare(self, image, req)
+
+    def __call__(self, image, *, return_dict: bool = True, **kwargs):
+        """Generate videos from image(s).
+
+        Args:
+          image: a PIL image, a list of them (same size), or an array (N, H0, W0, 3) in [0, 1].
+          **kwargs: the fields of :class:`~svd_jax.pipeline.inputs.GenerationRequest`, all optional:
+            height, width (multiples of 8; 576 x 1024), num_frames (the UNet config's), num_inference_steps (25)
+            or sigmas (explicit, terminal value included), min_guidance_scale (1), max_guidance_scale (3; CFG
+            off when <= 1), fps (7), motion_bucket_id (127), noise_aug_strength (0.02), decode_chunk_size (all
+            frames of a video), num_videos_per_prompt (1), seed / rng (an int or a jax PRNG key), latents
+            ((B, F, h, w, C) unit noise), output_type ("pil", "np" or "latent"), progress (a progress bar).
+          return_dict: wrap the frames in :class:`StableVideoDiffusionPipelineOutput`.
+
+        Returns:
+          StableVideoDiffusionPipelineOutput(frames) (or frames when return_dict=False): "pil" a list per video of
+          PIL images; "np" (B, F, H, W, 3) float32 in [0, 1]; "latent" the final latents (B, F, h, w, C).
+        """
+        req = GenerationRequest.from_kwargs("StableVideoDiffusionPipeline.__call__", kwargs)
+        inputs, config, b, bp = self._prepare(image, req)
+        program = self._compiled.get(self._program_key(inputs, config)) if self._compiled else None
+        if self.partitioner is not None:
+            inputs = inputs.place(self.partitioner)
+        out = program(self.params, inputs) if program is not None else self._jitted(self.params, inputs,
+                                                                                    config=config)
+        if req.progress:
+            progress.close()
+        if bp > b:
+            out = out[:b]
+        if req.output_type == "latent":
+            frames = out
+        else:
+            frames = _to_host(out)
+            if req.output_type == "pil":
+                frames = [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in frames]
+        return StableVideoDiffusionPipelineOutput(frames) if return_dict else frames
+
+    def lower(self, *, images: int = 1, image_size: Optional[tuple] = None, cfg: Optional[bool] = None, **kwargs):
+        """Trace the generation for one configuration on abstract inputs (nothing is computed on the device):
+        returns a ``jax.stages.Lowered``; ``.compile().memory_analysis()`` / ``.cost_analysis()`` then give the
+        program's peak memory and FLOPs, e.g. at full size with :func:`svd_jax.configs.abstract_pipeline`.
+
+        ``images`` input images of ``image_size`` (H0, W0) (default (height, width)); ``cfg``: classifier-free
+        guidance on (max_guidance_scale 3) or off (1), default on; ``kwargs`` as :meth:`__call__`'s (values that
+        do not change the program, such as seed or fps, do not matter; output_type defaults to "np"). The inputs
+        are built by the same code as a call's, from blank images, so the lowered program is the one a call
+        would run.
+        """
+        return self._lower(images, image_size, cfg, kwargs)[0]
+
+    def compile(self, *, images: int = 1, image_size: Optional[tuple] = None, cfg: Optional[bool] = None,
+                **kwargs):
+        """Compile the generation for one configuration ahead of the first call (arguments as :meth:`lower`) and
+        keep it: calls with that configuration (same sizes, steps, CFG on/off, chunking, batch, options and
+        parameter shapes; any image, seed and micro-conditioning values) then run it without tracing again.
+        Returns the ``jax.stages.Compiled`` (``.memory_analysis()``, ``.cost_analysis()``)."""
+        lowered, key = self._lower(images, image_size, cfg, kwargs)
+        self._compiled[key] = compiled = lowered.compile()
+        return compiled
+
+    def _lower(self, images, image_size, cfg, kwargs):
+        """(jax.stages.Lowered, program key) for lower() / compile()."""
+        kwargs = dict(kwargs)
+        kwargs.setdefault("output_type", "np")
+        if cfg is not None:
+            kwargs["max_guidance_scale"] = 3.0 if cfg else 1.0
+        req = GenerationRequest.from_kwargs("StableVideoDiffusionPipeline.lower", kwargs)
+        h0, w0 = image_size or (req.height, req.width)
+        inputs, config, _, _ = self._prepare(np.zeros((images, h0, w0, 3), np.float32), req)
+        lowered = self._jitted.lower(self.params, inputs.abstract(self.partitioner), config=config)
+        return lowered, self._program_key(inputs, config)
+
+    def _program_key(self, inputs, config):
+        """What a compiled program depends on besides its static config: the inputs' and parameters' shapes and
+        dtypes (the input shardings follow from the shapes and the pipeline's mesh)."""
+        sig = lambda a: (tuple(np.shape(a)), str(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype))
+        return config, inputs.signature(), tuple(sig(p) for p in jax.tree_util.tree_leaves(self.params))
+
+
+def _merge_options(options: Optional[ModelOptions], attention: str) -> ModelOptions:
+    """``options`` (default: the defaults) with ``attention`` where it is not the default "auto"."""
+    options = DEFAULT_OPTIONS if options is None else options
+    return options if attention == "auto" else options.replace(attention=attention)
+
+
+def _to_host(x) -> np.ndarray:
+    """A jax.Array (possibly sharded over several processes) as one numpy array on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
