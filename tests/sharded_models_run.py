@@ -30,7 +30,8 @@ def main():
     out = {}
     for data, space in [(1, 8), (2, 4)]:
         part = Partitioner(make_mesh(data=data, space=space))
-        uc, vc = unet.clone(constrain=part.constrain), vae.clone(constrain=part.constrain)
+        # activations pinned at block boundaries, convolution kernels pinned at use (Partitioner.model_options)
+        uc, vc = (m.clone(options=part.model_options(m.options)) for m in (unet, vae))
         upm, vpm = jax.device_put((up, vp), part.sharding(jax.sharding.PartitionSpec()))  # as the pipeline has them
         for b in (1, 2):
             x = rng.normal(size=(b, 3, 8, 6, 8)).astype(np.float32)
@@ -38,15 +39,13 @@ def main():
             ids = np.ones((b, 3), np.float32)
             f = lambda m, p: jax.jit(lambda p, *a: m.apply({"params": p}, *a).sample)(p, x, 0.5, e, ids)
             y = f(unet, up)
-            with part.tracing():  # convolution kernels pinned at use (see Partitioner.tracing)
-                yc = f(uc, upm)
+            yc = f(uc, upm)
             out[f"unet_{data}x{space}_b{b}"] = rel(yc, y)
             out[f"unet_{data}x{space}_b{b}_devices"] = len(yc.sharding.device_set)
         z = rng.normal(size=(4, 8, 6, 4)).astype(np.float32)
         g = lambda m, p: jax.jit(lambda p, z: m.apply({"params": p}, z, num_frames=2, method="decode"))(p, z)
         y = g(vae, vp)
-        with part.tracing():
-            out[f"vae_{data}x{space}"] = rel(g(vc, vpm), y)
+        out[f"vae_{data}x{space}"] = rel(g(vc, vpm), y)
     print(json.dumps(out))
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from svd_jax import StableVideoDiffusionPipeline
 from svd_jax.models import attention as A
+from svd_jax.options import ModelOptions
 
 
 def _qkv(lead, sq, sk, h, d, dv=None, seed=0):
@@ -37,19 +38,18 @@ def test_blockwise_equals_plain(lead, sq, sk, h, d, qb, kb):
     assert _rel(got, ref) <= 1e-5
 
 
-def test_backend_selection_and_errors(monkeypatch):
+def test_backend_selection_and_errors():
     q, k, v = _qkv((1,), 64, 64, 2, 8)
     assert A.resolve_implementation(q, k, v) == "xla"  # small: the plain path
-    monkeypatch.setattr(A, "AUTO_BLOCKWISE_BYTES", 64 * 64 * 2 * 4 - 1)
-    assert A.resolve_implementation(q, k, v) == "blockwise"  # scores above the budget
-    with A.attention_backend("xla"):
-        assert A.resolve_implementation(q, k, v) == "xla"
-        assert A.resolve_implementation(q, k, v, "blockwise") == "blockwise"  # the argument wins
+    tight = ModelOptions(attention_auto_bytes=64 * 64 * 2 * 4 - 1)
+    assert A.resolve_implementation(q, k, v, tight) == "blockwise"  # scores above the budget
+    xla = tight.replace(attention="xla")
+    assert A.resolve_implementation(q, k, v, xla) == "xla"
+    assert A.resolve_implementation(q, k, v, xla, "blockwise") == "blockwise"  # the argument wins
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'.*choose one of"):
         A.dot_product_attention(q, k, v, implementation="flash")
-    with pytest.raises(ValueError, match="unknown attention implementation"):
-        with A.attention_backend("nope"):
-            pass
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ModelOptions(attention="nope")
     if jax.default_backend() != "gpu":  # never silently selected where it cannot run
         assert A.resolve_implementation(q.astype(jnp.bfloat16), k, v) != "cudnn"
         with pytest.raises(ValueError, match="cudnn attention backend needs a GPU"):
@@ -58,12 +58,12 @@ def test_backend_selection_and_errors(monkeypatch):
         A.dot_product_attention(q, k[:, :, :1], v)
 
 
-def test_pipeline_blockwise_equals_xla(tiny_pipeline, monkeypatch):
+def test_pipeline_blockwise_equals_xla(tiny_pipeline):
     """The whole generation with every attention (CLIP, VAE, UNet spatial/temporal) blockwise, in blocks small
     enough that each call runs several, equals the plain backend; the backend is part of the jit cache key."""
-    monkeypatch.setattr(A, "Q_BLOCK", 8)
-    monkeypatch.setattr(A, "K_BLOCK", 4)
-    pipe = StableVideoDiffusionPipeline.from_pretrained(tiny_pipeline[1], attention="xla")
+    small_blocks = ModelOptions(attention_q_block=8, attention_k_block=4)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(tiny_pipeline[1], attention="xla", options=small_blocks)
+    assert pipe.options == small_blocks.replace(attention="xla")
     img = PIL.Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8))
     kw = dict(height=64, width=48, num_frames=3, num_inference_steps=2, decode_chunk_size=2, seed=0, output_type="np")
     ref = pipe(img, **kw).frames
@@ -90,15 +90,15 @@ def test_pallas_tpu_kernel_equals_plain(lead, sq, sk, h, d):
     assert _rel(got, ref) <= 1e-5
 
 
-def test_pallas_selection(monkeypatch):
+def test_pallas_selection():
     q, k, v = _qkv((1,), 256, 256, 2, 64)
-    monkeypatch.setattr(A, "AUTO_BLOCKWISE_BYTES", 1024)
+    opts = ModelOptions(attention_auto_bytes=1024)
     if jax.default_backend() != "tpu":  # never silently selected where it cannot run
-        assert A.resolve_implementation(q, k, v) == "blockwise"
+        assert A.resolve_implementation(q, k, v, opts) == "blockwise"
         with pytest.raises(ValueError, match="pallas attention backend needs a TPU"):
-            A.dot_product_attention(q, k, v, implementation="pallas")
-    monkeypatch.setattr(A.jax, "default_backend", lambda: "tpu")  # how auto decides on a TPU
-    assert A.resolve_implementation(q, k, v) == "pallas"
-    with A.sharded_trace():  # a sharded program: XLA cannot split a Pallas call
-        assert A.resolve_implementation(q, k, v) == "blockwise"
-    assert A.resolve_implementation(q, k, v[..., :32]) == "blockwise"  # unequal head dims
+            A.dot_product_attention(q, k, v, options=opts, implementation="pallas")
+    tpu = opts.replace(platform="tpu")  # how auto decides on a TPU
+    assert A.resolve_implementation(q, k, v, tpu) == "pallas"
+    # a partitioned program: XLA cannot split a Pallas call
+    assert A.resolve_implementation(q, k, v, tpu.replace(partitioned=True)) == "blockwise"
+    assert A.resolve_implementation(q, k, v[..., :32], tpu) == "blockwise"  # unequal head dims

@@ -1,5 +1,6 @@
-"""Memory-shaping helpers of svd_jax.models.layers: same values as the plain computation, and XLA's memory plan
-(compiled ``memory_analysis``, nothing run at full size) holds one slice or one kernel, not the whole tensor."""
+"""Memory-shaping helpers of svd_jax.models.xla_ops and the layers using them: same values as the plain
+computation, and XLA's memory plan (compiled ``memory_analysis``, nothing run at full size) holds one slice or one
+kernel, not the whole tensor. The XLA:CPU workarounds apply only where their predicate says."""
 
 import os
 import subprocess
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from svd_jax.models import layers
+from svd_jax.models import layers, xla_ops
+from svd_jax.options import ModelOptions
 from conftest import rel_err
 
 MiB = 2**20
@@ -27,14 +29,14 @@ def test_map_chunks_equals_whole():
     x = jnp.asarray(rng.normal(size=(48, 16)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(16, 16)) / 4, jnp.float32)
     fn = lambda s: s + jnp.tanh(s @ w)
-    out, kept = jax.jit(lambda a: (layers.map_chunks(fn, a, 0, 8), a + 0))(x)
+    out, kept = jax.jit(lambda a: (xla_ops.map_chunks(fn, a, 0, 8), a + 0))(x)
     assert rel_err(out, fn(x)) <= 1e-6
     np.testing.assert_array_equal(kept, x)  # x used after the in-place loop: the loop worked on a copy
     # Output buffer (channels change) along a middle axis: 4 slices.
     y = jnp.asarray(rng.normal(size=(3, 20, 16)), jnp.float32)
     w2 = jnp.asarray(rng.normal(size=(16, 7)) / 4, jnp.float32)
     fn2 = lambda s: jnp.tanh(s @ w2) * s[..., :1]
-    out2 = jax.jit(lambda a: layers.map_chunks(fn2, a, 1, 5))(y)
+    out2 = jax.jit(lambda a: xla_ops.map_chunks(fn2, a, 1, 5))(y)
     assert out2.shape == (3, 20, 7)
     assert rel_err(out2, fn2(y)) <= 1e-6
 
@@ -46,7 +48,7 @@ def test_map_chunks_in_place_needs_no_second_buffer():
     n, c = 8192, 1024  # float32: 32 MiB
     w = jnp.full((c, c), 0.01, jnp.float32)
     fn = lambda s: s + jnp.tanh(s @ w)
-    temp = _temp_bytes(lambda a: layers.map_chunks(fn, a * 2, 0, 256), jax.ShapeDtypeStruct((n, c), jnp.float32))
+    temp = _temp_bytes(lambda a: xla_ops.map_chunks(fn, a * 2, 0, 256), jax.ShapeDtypeStruct((n, c), jnp.float32))
     assert temp < 0.5 * n * c * 4, f"{temp / MiB:.1f} MiB temporary"
 
 
@@ -56,7 +58,7 @@ def test_barrier_slice_converts_slices_in_the_loop():
     temp, 2x the input; tied to the index: 4 MiB, one float32 tile)."""
     def tile_sums(x, tile):
         def one(i):
-            return jnp.sum(jnp.square(layers.barrier_slice(x, i * tile, tile, 0).astype(jnp.float32)))
+            return jnp.sum(jnp.square(xla_ops.barrier_slice(x, i * tile, tile, 0).astype(jnp.float32)))
         return jax.lax.map(one, jnp.arange(x.shape[0] // tile))
 
     t, r, c = 32, 1024, 1024  # bfloat16: 64 MiB, float32: 128 MiB
@@ -113,8 +115,34 @@ def test_conv_kernel_float32_copies_made_per_layer():
 @pytest.mark.parametrize("bad", [0, -1, 1.5])
 def test_forward_chunk_budget_rejects_non_positive_int(bad):
     with pytest.raises(ValueError, match="positive number of bytes or None"):
-        with layers.forward_chunk_budget(bad):
-            pass
+        ModelOptions(forward_chunk_bytes=bad)
+
+
+def _conv_jaxpr(options, dtype, hw):
+    conv = layers.Conv(8, (3, 3), dtype=dtype, param_dtype=dtype, options=options)
+    x = jnp.ones((1, hw, hw, 4), dtype)
+    params = conv.init(jax.random.PRNGKey(0), x)
+    return str(jax.make_jaxpr(lambda p, a: conv.apply(p, a))(params, x)), conv, params, x
+
+
+def test_cpu_workarounds_apply_only_on_cpu():
+    """The im2col path for small convolutions and the bf16 kernel barrier are XLA:CPU workarounds: their
+    predicates hold for platform "cpu" only, and a Conv built for another platform runs XLA's convolution
+    without the barrier (same values)."""
+    cpu, gpu = ModelOptions(platform="cpu"), ModelOptions(platform="gpu")
+    assert xla_ops.small_conv_as_matmul(cpu, (1, 1), 16) and not xla_ops.small_conv_as_matmul(gpu, (1, 1), 16)
+    assert not xla_ops.small_conv_as_matmul(cpu, (2, 2), 16)
+    assert not xla_ops.small_conv_as_matmul(cpu, (1, 1), xla_ops.SMALL_CONV_PIXELS + 1)
+    assert xla_ops.conv_kernel_barrier(cpu, jnp.bfloat16) and not xla_ops.conv_kernel_barrier(cpu, jnp.float32)
+    assert not xla_ops.conv_kernel_barrier(gpu, jnp.bfloat16)
+    small_cpu, conv, params, x = _conv_jaxpr(cpu, jnp.float32, 4)
+    small_gpu = _conv_jaxpr(gpu, jnp.float32, 4)[0]
+    assert "conv_general_dilated" not in small_cpu and "conv_general_dilated" in small_gpu
+    np.testing.assert_allclose(conv.apply(params, x), conv.clone(options=gpu).apply(params, x), rtol=1e-5,
+                               atol=1e-5)
+    assert "optimization_barrier" in _conv_jaxpr(cpu, jnp.bfloat16, 8)[0]
+    assert "optimization_barrier" not in _conv_jaxpr(gpu, jnp.bfloat16, 8)[0]
+    assert ModelOptions().backend() == jax.default_backend()  # platform None: jax's default backend
 
 
 def test_dense_equals_flax_dense_and_checks_shapes():

@@ -218,8 +218,8 @@ def test_lower_is_the_program_a_call_runs(pipes):
     compiled = pipe.lower(image_size=(50, 70), **kw).compile()
     seen, real = {}, pipe._jitted
 
-    def spy(params, *args, config):
-        seen["args"], seen["out"] = args, real(params, *args, config=config)
+    def spy(params, inputs, config):
+        seen["inputs"], seen["out"] = inputs, real(params, inputs, config=config)
         return seen["out"]
 
     pipe._jitted = spy
@@ -227,7 +227,7 @@ def test_lower_is_the_program_a_call_runs(pipes):
         pipe(_image(3), output_type="np", seed=5, **kw)
     finally:
         pipe._jitted = real
-    np.testing.assert_array_equal(np.asarray(compiled(pipe.params, *seen["args"])), np.asarray(seen["out"]))
+    np.testing.assert_array_equal(np.asarray(compiled(pipe.params, seen["inputs"])), np.asarray(seen["out"]))
     assert compiled.memory_analysis().temp_size_in_bytes > 0
     assert compiled.cost_analysis()["flops"] > 1e6
     with pytest.raises(ValueError, match="num_frames must be a positive integer"):
@@ -251,31 +251,41 @@ def test_dtype_auto_and_bad_dtype(pipes, monkeypatch):
 
 
 def test_streamed_decode_gives_the_same_video(pipes, monkeypatch):
-    """Past STREAM_DECODE_BYTES a decode chunk is decoded streamed (frame chunks, row tiles): the same frames."""
-    import svd_jax.pipeline as P
+    """Past pipe.stream_decode_bytes a decode chunk is decoded streamed (frame chunks, row tiles): the same
+    frames; the threshold is part of the compiled configuration; a bad one is refused before tracing."""
+    import svd_jax.pipeline.stages as S
 
     _, pipe, folder = pipes
     kw = dict(height=H, width=W, num_frames=F, num_inference_steps=2, seed=3, output_type="np")
     ref = pipe(_image(4), **kw).frames
-    monkeypatch.setattr(P, "STREAM_DECODE_BYTES", 0)
-    calls, real = [], P.decode_streamed
-    monkeypatch.setattr(P, "decode_streamed", lambda *a, **k: calls.append(1) or real(*a, **k))
-    streamed = StableVideoDiffusionPipeline.from_pretrained(folder)  # a fresh jit: traced with the new threshold
+    calls, real = [], S.decode_streamed
+    monkeypatch.setattr(S, "decode_streamed", lambda *a, **k: calls.append(1) or real(*a, **k))  # a spy
+    streamed = StableVideoDiffusionPipeline.from_pretrained(folder)
+    streamed.stream_decode_bytes = 0  # every chunk streamed
     got = streamed(_image(4), **kw).frames
     assert calls  # the streamed decoder was traced into the program
     assert np.abs(got - ref).max() <= 1e-5, np.abs(got - ref).max()
+    streamed.stream_decode_bytes = None  # never: retraced, the plain decode
+    del calls[:]
+    np.testing.assert_array_equal(streamed(_image(4), **kw).frames, ref)
+    assert not calls and streamed.trace_count == 2
+    streamed.stream_decode_bytes = -1
+    with pytest.raises(ValueError, match="stream_decode_bytes must be"):
+        streamed(_image(4), **kw)
+    assert streamed.trace_count == 2
 
 
 def test_forward_chunk_bytes_slices_feed_forwards_same_video(pipes, monkeypatch):
     """pipe.forward_chunk_bytes is part of the compiled configuration: a small budget slices every feed-forward
     (traced anew, the same frames); a bad value is rejected before tracing."""
-    import svd_jax.models.layers as L
+    import svd_jax.models.xla_ops as X
+    from svd_jax.options import DEFAULT_OPTIONS
 
     _, pipe, _ = pipes
     kw = dict(height=H, width=W, num_frames=F, num_inference_steps=2, seed=3, output_type="np")
     ref = pipe(_image(5), **kw).frames
-    sliced, real = [], L.map_chunks
-    monkeypatch.setattr(L, "map_chunks", lambda fn, x, *a: sliced.append(x.shape) or real(fn, x, *a))
+    sliced, real = [], X.map_chunks
+    monkeypatch.setattr(X, "map_chunks", lambda fn, x, *a: sliced.append(x.shape) or real(fn, x, *a))  # a spy
     count = pipe.trace_count
     try:
         pipe.forward_chunk_bytes = 4096
@@ -285,12 +295,12 @@ def test_forward_chunk_bytes_slices_feed_forwards_same_video(pipes, monkeypatch)
         # CFG and the decoder to ~1.4e-5 here; the parity tolerance against diffusers. Misplaced rows: O(1).
         assert rel_err(got, ref) <= 1e-4, rel_err(got, ref)
         for bad in (0, -5, 1.5, "1GB"):
-            pipe.forward_chunk_bytes = bad
             with pytest.raises(ValueError, match="forward chunk budget must be a positive number of bytes"):
-                pipe(_image(5), **kw)
+                pipe.forward_chunk_bytes = bad
+            assert pipe.forward_chunk_bytes == 4096  # refused: the setting stands
         assert pipe.trace_count == count + 1
     finally:
-        pipe.forward_chunk_bytes = L.FF_CHUNK_BYTES
+        pipe.forward_chunk_bytes = DEFAULT_OPTIONS.forward_chunk_bytes
 
 
 def test_compile_ahead_serves_calls(pipes):

@@ -1,6 +1,5 @@
 """Flax UNetSpatioTemporalConditionModel equals diffusers' on the same weights (fp32, CPU)."""
 
-import contextlib
 import math
 
 import jax
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from svd_jax.configs import SVD_XT_UNET  # {}: the diffusers constructor defaults are the SVD-XT config
 from svd_jax.models import UNetSpatioTemporalConditionModel
 from svd_jax.models.layers import Attention
 from svd_jax.weights import flatten_shapes, load_params, plan_conversion
@@ -100,10 +100,11 @@ def test_forward_chunking_equals_unchunked(tiny_unet, chunk_size, chunk_dim):
 
 
 def test_auto_forward_chunking_equals_unchunked(tiny_unet, monkeypatch):
-    """Feed-forwards above the budget run over row slices (leading axes flattened, zero-padded to whole slices):
-    same output as unsliced; the slicing loops are traced, except in a sharded trace."""
-    from svd_jax.models import layers
-    from svd_jax.models.attention import sharded_trace
+    """Feed-forwards above the budget (options.forward_chunk_bytes) run over row slices (leading axes flattened,
+    zero-padded to whole slices): same output as unsliced; the slicing loops are traced, except in a partitioned
+    program."""
+    from svd_jax.models import layers, xla_ops
+    from svd_jax.options import ModelOptions
 
     _, module, params, _ = tiny_unet
     x, ehs, ids = _inputs(4, 2, 3, 8, 8, 1)
@@ -111,25 +112,25 @@ def test_auto_forward_chunking_equals_unchunked(tiny_unet, monkeypatch):
     # 5 slices of 20 rows (100), 2 slices of 12 rows.
     budget = 40_000
     calls = []  # [rows, (padded rows, slice rows) or None] per feed-forward
-    auto, chunks = layers._auto_chunked, layers.map_chunks
+    rows_fn, chunks = xla_ops.map_rows, xla_ops.map_chunks
 
-    def spy_auto(ff, h, row_bytes):
+    def spy_rows(ff, h, row_bytes, budget):
         calls.append([int(np.prod(h.shape[:-1])), None])
-        return auto(ff, h, row_bytes)
+        return rows_fn(ff, h, row_bytes, budget)
 
     def spy_chunks(fn, h, axis, size):
         calls[-1][1] = (h.shape[axis], size)
         return chunks(fn, h, axis, size)
 
-    monkeypatch.setattr(layers, "_auto_chunked", spy_auto)
-    monkeypatch.setattr(layers, "map_chunks", spy_chunks)
+    monkeypatch.setattr(layers, "map_rows", spy_rows)  # spies: they record the calls and run the real ones
+    monkeypatch.setattr(xla_ops, "map_chunks", spy_chunks)
 
     def trace(budget, sharded=False):
-        """(traced program, its loop equations). A fresh function per trace: the budget is read while tracing,
-        and trace caches are keyed by the function. map_chunks' fori_loop (static bounds) traces as a scan."""
+        """(traced program, its loop equations), with the budget set through the module's options.
+        map_chunks' fori_loop (static bounds) traces as a scan."""
         del calls[:]
-        with layers.forward_chunk_budget(budget), (sharded_trace() if sharded else contextlib.nullcontext()):
-            traced = jax.jit(lambda p: module.apply({"params": p}, x, 1.0, ehs, ids).sample).trace(params)
+        m = module.clone(options=ModelOptions(forward_chunk_bytes=budget, partitioned=sharded))
+        traced = jax.jit(lambda p: m.apply({"params": p}, x, 1.0, ehs, ids).sample).trace(params)
         text = str(traced.jaxpr)
         return traced, text.count("while[") + text.count("scan[")
 
@@ -179,9 +180,6 @@ def test_bad_inputs(tiny_unet):
         module.apply(v, x, 1.0, ehs, ids[:, :2])
 
 
-SVD_XT_UNET = {}  # the diffusers constructor defaults are the SVD-XT config
-
-
 def test_full_size_unet_coverage():
     from diffusers import UNetSpatioTemporalConditionModel as TorchUNet
 
@@ -225,8 +223,8 @@ def test_full_size_unet_numerics():
 @pytest.mark.parametrize("shape,kernel,pad", [((2, 2, 4, 16), (3, 3), ((1, 1), (1, 1))),
                                               ((1, 3, 2, 2, 8), (3, 1, 1), ((1, 1), (0, 0), (0, 0)))])
 def test_small_conv_matmul_path_equals_xla_conv(shape, kernel, pad):
-    """Tiny spatial sizes run convs as per-tap matmuls (XLA CPU's conv is pathological there): same result."""
-    from svd_jax.models import layers
+    """Tiny spatial sizes run convs as per-tap matmuls on XLA:CPU (its conv is pathological there): same result."""
+    from svd_jax.models import layers, xla_ops
 
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     conv = layers.Conv(12, kernel, padding=pad)
@@ -234,5 +232,5 @@ def test_small_conv_matmul_path_equals_xla_conv(shape, kernel, pad):
     k = p["params"]["kernel"]
     dims = {2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}[len(kernel)]
     ref = jax.lax.conv_general_dilated(x, k, (1,) * len(kernel), pad, dimension_numbers=dims) + p["params"]["bias"]
-    assert np.prod(shape[1:-1]) <= layers.SMALL_CONV_PIXELS
+    assert np.prod(shape[1:-1]) <= xla_ops.SMALL_CONV_PIXELS
     np.testing.assert_allclose(conv.apply(p, x), ref, rtol=1e-5, atol=1e-5)
