@@ -11,9 +11,10 @@
 
 Part 1 lowers but never compiles the full-size programs (seconds, a few GB of RAM); its FLOPs are XLA's
 HloCostAnalysis of the lowered module (for the small UNet, part 2 prints it beside the compiled module's,
-they agree to ~0.1 %). Attention is forced to the plain "xla" backend while tracing: the blockwise backend
-that "auto" picks at full size runs in ``lax.scan``/``lax.map``, whose bodies the cost analysis counts only once
-(123.6 instead of 154.0 TFLOP per UNet step). Part 2 needs ~7 GB of RAM (the 1.5 B fp32 weights) and a
+they agree to ~0.1 %). The models run with attention forced to the plain "xla" backend and feed-forwards
+unsliced (``ModelOptions``): the blockwise attention that "auto" picks at full size and the row-sliced
+feed-forwards run in loops, whose bodies the cost analysis counts only once (107.9 instead of 154.0 TFLOP per
+UNet step). Part 2 needs ~7 GB of RAM (the 1.5 B fp32 weights) and a
 minute or two. As in ``unet_vs_diffusers.py``, XLA's CPU YNNPACK fusions are switched off unless
 ``--ynn`` is given.
 """
@@ -39,10 +40,13 @@ from svd_jax.models import (
     CLIPVisionModelWithProjection,
     UNetSpatioTemporalConditionModel,
 )
-from svd_jax.models.attention import attention_backend
+from svd_jax.options import ModelOptions
 
 S = jax.ShapeDtypeStruct
 F32 = jnp.float32
+# Plain attention and unsliced feed-forwards: loops (blockwise attention, row-sliced feed-forwards) have their
+# bodies counted once by the cost analysis (with the defaults: 107.9 instead of 154.0 TFLOP per UNet step).
+XLA_ATTENTION = ModelOptions(attention="xla", forward_chunk_bytes=None)
 
 
 def _flops(cost) -> float:
@@ -52,9 +56,7 @@ def _flops(cost) -> float:
 
 def lowered_flops(fn, *args) -> float:
     """XLA cost-analysis FLOPs of ``jax.jit(fn)`` lowered at ``args`` (shapes only; nothing is compiled)."""
-    # A fresh function object per call: jit's trace cache does not see the attention_backend context.
-    with attention_backend("xla"):
-        return _flops(jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis())
+    return _flops(jax.jit(fn).lower(*args).cost_analysis())
 
 
 def unet_step(unet):
@@ -68,9 +70,9 @@ def unet_args(params, b, f, h, w, dtype=F32):
 def generation_flops(args):
     """{component: FLOPs} of one SVD-XT video with CFG at args' size, and the whole generation's total."""
     f, h, w = args.frames, args.height // 8, args.width // 8
-    unet = UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET)
-    vae = AutoencoderKLTemporalDecoder.from_config(SVD_VAE)
-    clip = CLIPVisionModelWithProjection.from_config(SVD_CLIP)
+    unet = UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET, options=XLA_ATTENTION)
+    vae = AutoencoderKLTemporalDecoder.from_config(SVD_VAE, options=XLA_ATTENTION)
+    clip = CLIPVisionModelWithProjection.from_config(SVD_CLIP, options=XLA_ATTENTION)
     up, vp, cp = unet.init_params_abstract(), vae.init_params_abstract(), clip.init_params_abstract()
     parts = {
         "UNet step (CFG batch 2)": lowered_flops(unet_step(unet), *unet_args(up, 2, f, h, w)),
@@ -109,7 +111,8 @@ def _timed(fn) -> float:
 def measure_cpu(args):
     """Time the small full-architecture UNet forward and a big matmul; their cost-analysis FLOPs and medians."""
     b, f, h, w = 1, 2, 16, 32
-    unet = UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET)
+    # attention "xla": what "auto" picks at this size anyway; fixed so FLOPs and run match
+    unet = UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET, options=XLA_ATTENTION)
     x = jax.random.normal(jax.random.PRNGKey(1), (b, f, h, w, 8), F32)
     e = jax.random.normal(jax.random.PRNGKey(2), (b, 1, 1024), F32)
     ids = jnp.tile(jnp.array([[6, 127, 0.02]], F32), (b, 1))
@@ -117,8 +120,7 @@ def measure_cpu(args):
     t0 = time.perf_counter()
     params = random_params(unet.init_params_abstract())
     t_init = time.perf_counter() - t0
-    with attention_backend("xla"):  # what "auto" picks at this size anyway; fixed so FLOPs and run match
-        lowered = jax.jit(unet_step(unet)).lower(params, x, t, e, ids)
+    lowered = jax.jit(unet_step(unet)).lower(params, x, t, e, ids)
     t0 = time.perf_counter()
     fwd = lowered.compile()
     t_compile = time.perf_counter() - t0
