@@ -2,8 +2,8 @@
 
     python benchmarks/load_time.py [--dir /tmp/svd-load-time] [--dtype bfloat16] [--devices 8] [--keep]
 
-Writes random weights for the full-size UNet (1.52 B params; `UNetSpatioTemporalConditionModel.from_config({})`)
-in the fp16 diffusers layout (~3 GB), converts the folder with `python -m convert --dtype DTYPE`, then loads
+Writes random weights for the full-size UNet (1.52 B params; ``from_config(SVD_XT_UNET)``, svd_jax.configs) in the
+fp16 diffusers layout (~3 GB), converts the folder with `python -m convert --dtype DTYPE`, then loads
 (a) the diffusers folder and (b) the converted folder with ``from_pretrained(..., dtype=DTYPE)``, each in a fresh
 subprocess: onto one device, and onto N forced CPU devices with an FSDP mesh
 (``Partitioner(make_mesh(), fsdp=True).param_sharding``). Reported per run: the wall time of ``from_pretrained``
@@ -71,15 +71,17 @@ def _child_convert(src: str, dst: str, dtype: str) -> dict:
 def _child_make(folder: str) -> dict:
     import numpy as np
 
+    from svd_jax.configs import SVD_XT_UNET
     from svd_jax.models import UNetSpatioTemporalConditionModel
     from svd_jax.tiny import write_random_weights
 
     t0 = time.perf_counter()
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"_class_name": "UNetSpatioTemporalConditionModel"}) + "\n")
+    config = {"_class_name": "UNetSpatioTemporalConditionModel", **SVD_XT_UNET}
+    (out / "config.json").write_text(json.dumps(config) + "\n")
     size = write_random_weights(out / "diffusion_pytorch_model.fp16.safetensors",
-                                UNetSpatioTemporalConditionModel.from_config({}), np.float16, seed=0)
+                                UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET), np.float16, seed=0)
     return dict(load_s=time.perf_counter() - t0, bytes=size, peak_rss=_vm_hwm())
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from svd_jax.configs import SVD_VAE
+from svd_jax.configs import SVD_VAE, SVD_XT_UNET
 from svd_jax.models import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
 from svd_jax.sharding import Partitioner, make_mesh
 
@@ -94,7 +94,7 @@ def main():
                 make_mesh(data=2, space=n // 2, devices=devices[:n]) if cfg_data else \
                 make_mesh(data=1, space=n, devices=devices[:n])
             part = Partitioner(mesh, split=split)
-            unet = UNetSpatioTemporalConditionModel.from_config({}, dtype=dt).clone(constrain=part.constrain)
+            unet = UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET, dtype=dt).clone(constrain=part.constrain)
             vae = AutoencoderKLTemporalDecoder.from_config(SVD_VAE, dtype=dt).clone(constrain=part.constrain)
             up, vp = unet.init_params_abstract(), vae.init_params_abstract()
             rep = part.sharding(P())

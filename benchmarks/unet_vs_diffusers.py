@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from svd_jax.configs import SVD_XT_UNET
 from svd_jax.models import UNetSpatioTemporalConditionModel
 from svd_jax.weights import load_params
 
@@ -59,12 +60,12 @@ def main():
     from diffusers import UNetSpatioTemporalConditionModel as TorchUNet
 
     torch.manual_seed(0)
-    model = TorchUNet().eval()  # the constructor defaults are the SVD-XT config
+    model = TorchUNet(**SVD_XT_UNET).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    module = UNetSpatioTemporalConditionModel.from_config({})
+    module = UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET)
     params = load_params(module.init_params_abstract(), {k: v.numpy() for k, v in model.state_dict().items()})
 
     rng = np.random.default_rng(0)

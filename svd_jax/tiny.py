@@ -13,40 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .configs import CLIP_PROCESSOR_CONFIG, MODEL_INDEX, SVD_SCHEDULER_CONFIG, TINY_CLIP, TINY_UNET, TINY_VAE
 from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
 from .weights import params_to_torch_state, path_to_torch_name, write_safetensors
-
-TINY_UNET = dict(
-    _class_name="UNetSpatioTemporalConditionModel", sample_size=8, in_channels=8, out_channels=4,
-    block_out_channels=[32, 64],
-    down_block_types=["CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"],
-    up_block_types=["UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"],
-    num_attention_heads=[2, 4], cross_attention_dim=32, addition_time_embed_dim=4,
-    projection_class_embeddings_input_dim=12, layers_per_block=1, transformer_layers_per_block=1, num_frames=4)
-TINY_VAE = dict(
-    _class_name="AutoencoderKLTemporalDecoder", in_channels=3, out_channels=3,
-    block_out_channels=[32, 32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 4, layers_per_block=1,
-    latent_channels=4, sample_size=64, scaling_factor=0.18215, force_upcast=True)
-TINY_CLIP = dict(
-    architectures=["CLIPVisionModelWithProjection"], model_type="clip_vision_model", hidden_size=32,
-    intermediate_size=37, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, num_channels=3,
-    image_size=224, patch_size=32, hidden_act="gelu", layer_norm_eps=1e-5, attention_dropout=0.0,
-    initializer_factor=1.0, initializer_range=0.02, dropout=0.0)
-SVD_SCHEDULER_CONFIG = dict(
-    _class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    num_train_timesteps=1000, prediction_type="v_prediction", interpolation_type="linear", use_karras_sigmas=True,
-    sigma_min=0.002, sigma_max=700.0, timestep_spacing="leading", timestep_type="continuous", steps_offset=1,
-    clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, trained_betas=None)
-CLIP_PROCESSOR_CONFIG = dict(
-    crop_size={"height": 224, "width": 224}, do_center_crop=True, do_convert_rgb=True, do_normalize=True,
-    do_rescale=True, do_resize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
-    image_processor_type="CLIPImageProcessor", image_std=[0.26862954, 0.26130258, 0.27577711], resample=3,
-    rescale_factor=0.00392156862745098, size={"shortest_edge": 224})
-MODEL_INDEX = dict(
-    _class_name="StableVideoDiffusionPipeline", feature_extractor=["transformers", "CLIPImageProcessor"],
-    image_encoder=["transformers", "CLIPVisionModelWithProjection"],
-    scheduler=["diffusers", "EulerDiscreteScheduler"], unet=["diffusers", "UNetSpatioTemporalConditionModel"],
-    vae=["diffusers", "AutoencoderKLTemporalDecoder"])
 
 
 def _write_json(path: Path, obj: dict) -> None:

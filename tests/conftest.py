@@ -21,6 +21,8 @@ if "SVD_JAX_CACHE_DIR" not in os.environ:  # the pipeline's compile cache: a fre
 
 import torch  # noqa: E402
 
+from svd_jax.configs import CLIP_PROCESSOR_CONFIG, SVD_SCHEDULER_CONFIG, TINY_CLIP, TINY_UNET, TINY_VAE  # noqa: E402
+
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 # Names and shapes of every tensor of the published SVD-XT checkpoint (unet/, vae/, image_encoder/), one per line.
@@ -138,20 +140,23 @@ def reference_keys(component: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-SVD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                     prediction_type="v_prediction", interpolation_type="linear", use_karras_sigmas=True,
-                     sigma_min=0.002, sigma_max=700.0, timestep_spacing="leading", timestep_type="continuous",
-                     steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+def _torch_kwargs(cfg: dict, keys, **overrides) -> dict:
+    """The entries ``keys`` of one svd_jax.configs config (lists as tuples, the diffusers constructors' types),
+    then ``overrides``: constructor arguments for a torch reference model of the same architecture."""
+    return {**{k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in keys}, **overrides}
 
-TINY_PIPE_UNET = dict(in_channels=8, out_channels=4, block_out_channels=(32, 64),
-                      down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-                      up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-                      num_attention_heads=(2, 4), cross_attention_dim=32, addition_time_embed_dim=4,
-                      projection_class_embeddings_input_dim=12, layers_per_block=1, num_frames=3)
-TINY_PIPE_VAE = dict(block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-                     layers_per_block=1, latent_channels=4)
-TINY_PIPE_CLIP = dict(hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=2,
-                      num_attention_heads=4, image_size=224, patch_size=32, hidden_act="gelu")
+
+# The tiny reference pipeline: the architecture of svd_jax.tiny's checkpoint (svd_jax.configs.TINY_*), built by
+# the torch constructors from the architecture keys only (the rest at the constructors' defaults), with 3 frames
+# in the UNet's config (the checkpoint says 4).
+TINY_PIPE_UNET = _torch_kwargs(
+    TINY_UNET, ("in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
+                "num_attention_heads", "cross_attention_dim", "addition_time_embed_dim",
+                "projection_class_embeddings_input_dim", "layers_per_block"), num_frames=3)
+TINY_PIPE_VAE = _torch_kwargs(TINY_VAE, ("block_out_channels", "down_block_types", "layers_per_block",
+                                         "latent_channels"))
+TINY_PIPE_CLIP = _torch_kwargs(TINY_CLIP, ("hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+                                           "num_attention_heads", "image_size", "patch_size", "hidden_act"))
 
 
 def make_tiny_pipeline(seed: int = 0):
@@ -164,9 +169,10 @@ def make_tiny_pipeline(seed: int = 0):
     unet = perturb_(TorchUNet(**TINY_PIPE_UNET), seed)
     vae = make_vae(TINY_PIPE_VAE, seed + 1)
     clip = make_clip(TINY_PIPE_CLIP, seed + 2)
-    fe = CLIPImageProcessor(crop_size=224, size=224)
-    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=clip, unet=unet,
-                                        scheduler=EulerDiscreteScheduler.from_config(SVD_SCHEDULER), feature_extractor=fe)
+    fe = CLIPImageProcessor(**CLIP_PROCESSOR_CONFIG)
+    scheduler = EulerDiscreteScheduler.from_config(SVD_SCHEDULER_CONFIG)
+    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=clip, unet=unet, scheduler=scheduler,
+                                        feature_extractor=fe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -11,29 +11,11 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
+from svd_jax.configs import SVD_SCHEDULER_CONFIG
 from svd_jax.scheduler import EulerSchedule, EulerScheduler, scale_model_input, step
 
-# The hub scheduler/scheduler_config.json of stable-video-diffusion-img2vid(-xt) (SPEC section 4.1).
-SVD_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler",
-    "_diffusers_version": "0.24.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction",
-    "set_alpha_to_one": False,
-    "sigma_max": 700.0,
-    "sigma_min": 0.002,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "timestep_type": "continuous",
-    "trained_betas": None,
-    "use_karras_sigmas": True,
-}
+# The hub scheduler/scheduler_config.json of stable-video-diffusion-img2vid(-xt), as diffusers 0.24 wrote it.
+SVD_CONFIG = {**SVD_SCHEDULER_CONFIG, "_diffusers_version": "0.24.0.dev0"}
 
 # diffusers 0.42 + numpy 2 warn about torch's __array__ inside set_timesteps; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
