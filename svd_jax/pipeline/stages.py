@@ -81,8 +81,8 @@ def conditioning(modules: Modules, params, inputs: GenerationInputs, config: Gen
 def denoiser_input(latents, sigma, image_latents_per_frame, dtype):
     """The UNet's sample: ``concat([latents / sqrt(sigma^2 + 1), image latents], channels)``.
 
-    latents (B, F, h, w, C) float32, sigma a scalar, image_latents_per_frame (B, F, h, w, C') -> (B, F, h, w,
-    C + C') in ``dtype``."""
+    latents (B, F, h, w, C) float32, sigma a scalar (or broadcastable to latents, e.g. (B, 1, 1, 1, 1) for one
+    noise level per clip), image_latents_per_frame (B, F, h, w, C') -> (B, F, h, w, C + C') in ``dtype``."""
     return jnp.concatenate([scale_model_input(latents, sigma).astype(dtype), image_latents_per_frame], axis=-1)
 
 
