@@ -1,6 +1,7 @@
 """svd-jax: Stable Video Diffusion (SVD / SVD-XT image-to-video) in JAX/Flax, equal to diffusers."""
 
 from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
+from .options import ModelOptions
 from .pipeline import StableVideoDiffusionPipeline, StableVideoDiffusionPipelineOutput
 from .video import export_to_gif, export_to_video, load_image
 from .weights import CheckpointError
@@ -11,6 +12,7 @@ __all__ = [
     "AutoencoderKLTemporalDecoder",
     "CLIPVisionModelWithProjection",
     "CheckpointError",
+    "ModelOptions",
     "StableVideoDiffusionPipeline",
     "StableVideoDiffusionPipelineOutput",
     "UNetSpatioTemporalConditionModel",

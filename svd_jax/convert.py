@@ -57,7 +57,7 @@ from .weights import (
     write_safetensors,
 )
 
-__all__ = ["MODEL_CLASSES", "build_parser", "convert_checkpoint", "convert_component", "main"]
+__all__ = ["MODEL_CLASSES", "add_arguments", "build_parser", "convert_checkpoint", "convert_component", "main", "run"]
 
 MODEL_CLASSES = {c.__name__: c for c in (UNetSpatioTemporalConditionModel, AutoencoderKLTemporalDecoder,
                                          CLIPVisionModelWithProjection)}

@@ -102,7 +102,7 @@ def config_fields(cls, config: Mapping[str, Any]) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for k, v in config.items():
-        if k in names and k not in ("parent", "name", "dtype", "param_dtype"):
+        if k in names and k not in ("parent", "name", "dtype", "param_dtype", "options"):
             out[k] = tuple(v) if isinstance(v, list) else v
     return out
 
