@@ -34,7 +34,7 @@ _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1,
 
 def collective_bytes(hlo: str) -> dict[str, float]:
     """Bytes produced by each kind of collective in an HLO module's text (per device, loop bodies once)."""
-    out = {k: 0.0 for k in COLLECTIVES}
+    out = dict.fromkeys(COLLECTIVES, 0.0)
     for line in hlo.splitlines():
         m = re.search(r"=\s*(.+?)\s+(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(",
                       line)
@@ -64,10 +64,11 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--chunk", type=int, default=8, help="VAE decode chunk (frames per video)")
     ap.add_argument("--meshes", default="1,2,4,8")
-    ap.add_argument("--split", default="height+frames,height,frames", help="intra-video splits to compare for one video")
+    ap.add_argument("--split", default="height+frames,height,frames",
+                    help="intra-video splits to compare for one video")
     ap.add_argument("--cases", default="8,1", help="batch sizes (videos)")
-    ap.add_argument("--cfg-data", default="height+frames", help="splits for which one video also runs with the CFG halves "
-                    "on a data axis of 2 (mesh 2 x n/2)")
+    ap.add_argument("--cfg-data", default="height+frames",
+                    help="splits for which one video also runs with the CFG halves on a data axis of 2 (mesh 2 x n/2)")
     args = ap.parse_args()
     dt = getattr(jnp, args.dtype)
     f, h, w = args.frames, args.height // 8, args.width // 8

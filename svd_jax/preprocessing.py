@@ -190,7 +190,8 @@ def clip_preprocess(images, mean=CLIP_MEAN, std=CLIP_STD) -> jnp.ndarray:
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL mode -> "RGB", as diffusers' ``load_image`` / ``VaeImageProcessor.convert_to_rgb`` do (``convert("RGB")``).
+    """Any PIL mode -> "RGB", as diffusers' ``load_image`` / ``VaeImageProcessor.convert_to_rgb`` do
+    (``convert("RGB")``).
 
     RGBA / LA: alpha is dropped, not composited over a background (PIL semantics). L: grey copied to the three
     channels. P: palette looked up. An RGB image is returned unchanged (same object).

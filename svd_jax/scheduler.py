@@ -56,9 +56,10 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ IGNORED_KEYS = frozenset({
     "predict_x0", "sigma_data", "noise_sampler_seed", "rho",
 })
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,14 +205,14 @@ class EulerScheduler:
     beta_start: float = 0.0001
     beta_end: float = 0.02
     beta_schedule: str = "linear"
-    trained_betas: Optional[tuple] = None
+    trained_betas: tuple | None = None
     prediction_type: str = "epsilon"
     interpolation_type: str = "linear"
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False
-    sigma_min: Optional[float] = None
-    sigma_max: Optional[float] = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
     timestep_spacing: str = "linspace"
     timestep_type: str = "discrete"
     steps_offset: int = 0
@@ -240,7 +241,8 @@ class EulerScheduler:
             object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
         if (isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, (int, np.integer))
                 or self.num_train_timesteps < 2):
-            raise ValueError(f"EulerScheduler: num_train_timesteps must be an int >= 2, got {self.num_train_timesteps!r}")
+            raise ValueError("EulerScheduler: num_train_timesteps must be an int >= 2, "
+                             f"got {self.num_train_timesteps!r}")
         for name in ("sigma_min", "sigma_max"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -249,7 +251,7 @@ class EulerScheduler:
     # ---------------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "EulerScheduler":
+    def from_config(cls, config: Mapping[str, Any]) -> EulerScheduler:
         """Build from a diffusers scheduler config dict (the content of ``scheduler_config.json``).
 
         Keys starting with ``_`` (``_class_name``, ``_diffusers_version``) and legacy keys the Euler scheduler
@@ -285,7 +287,7 @@ class EulerScheduler:
         return cls(**kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: PathLike, subfolder: Optional[str] = "scheduler") -> "EulerScheduler":
+    def from_pretrained(cls, path: PathLike, subfolder: str | None = "scheduler") -> EulerScheduler:
         """Read ``scheduler_config.json`` from a local folder and build the scheduler.
 
         Looks at ``path/subfolder/scheduler_config.json``, then ``path/scheduler_config.json`` (what
@@ -355,8 +357,8 @@ class EulerScheduler:
             return float(max_sigma)
         return float(np.sqrt(max_sigma * max_sigma + np.float32(1.0)))
 
-    def set_timesteps(self, num_inference_steps: Optional[int] = None,
-                      sigmas: Optional[Sequence[float]] = None) -> EulerSchedule:
+    def set_timesteps(self, num_inference_steps: int | None = None,
+                      sigmas: Sequence[float] | None = None) -> EulerSchedule:
         """Build the sampling schedule (host side, numpy), as diffusers' ``set_timesteps``.
 
         Args:

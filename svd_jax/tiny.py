@@ -85,7 +85,8 @@ def make_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
         state = params_to_torch_state(params)
         save_file(state, str(root / name / fname), metadata={"format": "pt"})
         fp16 = {k: np.asarray(v, np.float16) for k, v in state.items()}
-        save_file(fp16, str(root / name / fname.replace(".safetensors", ".fp16.safetensors")), metadata={"format": "pt"})
+        fp16_name = fname.replace(".safetensors", ".fp16.safetensors")
+        save_file(fp16, str(root / name / fp16_name), metadata={"format": "pt"})
     _write_json(root / "scheduler" / "scheduler_config.json", SVD_SCHEDULER_CONFIG)
     _write_json(root / "feature_extractor" / "preprocessor_config.json", CLIP_PROCESSOR_CONFIG)
     _write_json(root / "model_index.json", MODEL_INDEX)

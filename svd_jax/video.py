@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-Frames = Union[Sequence[PIL.Image.Image], np.ndarray]
+Frames = Sequence[PIL.Image.Image] | np.ndarray
 
 
 def _to_uint8(frames: Frames) -> np.ndarray:
@@ -27,7 +27,7 @@ def _to_uint8(frames: Frames) -> np.ndarray:
     return (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def export_to_video(frames: Frames, path: Union[str, os.PathLike], fps: float = 7) -> str:
+def export_to_video(frames: Frames, path: str | os.PathLike, fps: float = 7) -> str:
     """Write one video as H.264 mp4 (yuv420p, plays everywhere) through imageio-ffmpeg's bundled ffmpeg.
 
     Args:
@@ -55,14 +55,14 @@ def export_to_video(frames: Frames, path: Union[str, os.PathLike], fps: float = 
     return path
 
 
-def export_to_gif(frames: Frames, path: Union[str, os.PathLike], fps: float = 7) -> str:
+def export_to_gif(frames: Frames, path: str | os.PathLike, fps: float = 7) -> str:
     """Write one video as a looping GIF. frames: F PIL images or (F, H, W, 3) in [0, 1] / uint8."""
     imgs = [PIL.Image.fromarray(f) for f in _to_uint8(frames)]
     imgs[0].save(str(path), save_all=True, append_images=imgs[1:], duration=int(round(1000 / fps)), loop=0)
     return str(path)
 
 
-def load_image(path_or_url: Union[str, os.PathLike], timeout: float = 30.0) -> PIL.Image.Image:
+def load_image(path_or_url: str | os.PathLike, timeout: float = 30.0) -> PIL.Image.Image:
     """Open a local file or an http(s) URL as an RGB PIL image (EXIF orientation applied)."""
     s = str(path_or_url)
     if s.startswith(("http://", "https://")):

@@ -24,8 +24,11 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from svd_jax.models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection
-    from svd_jax.models import UNetSpatioTemporalConditionModel
+    from svd_jax.models import (
+        AutoencoderKLTemporalDecoder,
+        CLIPVisionModelWithProjection,
+        UNetSpatioTemporalConditionModel,
+    )
     from svd_jax.sharding import Partitioner, make_mesh
 
     part = Partitioner(make_mesh(), fsdp=True)

@@ -146,7 +146,7 @@ def test_second_process_hits_cache(tmp_path):
     assert first["path"] == str(cache.resolve())
     assert "/jax/compilation_cache/cache_misses" in first["events"]
     assert "/jax/compilation_cache/cache_hits" not in first["events"]
-    entries = [p for p in cache.iterdir()]
+    entries = list(cache.iterdir())
     assert entries, "the first process wrote nothing to the cache"
 
     second = _run_child(env)

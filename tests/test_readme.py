@@ -135,7 +135,8 @@ def test_readme_code_blocks_run(workdir, fast_xla_flags):
     for line, script in sh:
         r = subprocess.run(["bash", "-e", "-c", script], cwd=work, env=env, capture_output=True, text=True,
                            timeout=900)
-        assert r.returncode == 0, f"README.md bash block at line {line} failed:\n{script}\n{r.stdout[-3000:]}{r.stderr[-6000:]}"
+        assert r.returncode == 0, (f"README.md bash block at line {line} failed:\n{script}\n"
+                                   f"{r.stdout[-3000:]}{r.stderr[-6000:]}")
 
     # what the blocks promise to write
     for name in ("video.mp4", "tiny.mp4", "made-tiny/unet/diffusion_pytorch_model.fp16.safetensors",
