@@ -57,17 +57,16 @@ def test_sharded_without_cfg(sharded):
     assert sharded["1x8"]["single_nocfg_max_abs_diff"] <= 1e-3
 
 
-def test_uneven_batch_is_padded_and_cropped(sharded, tiny_pipeline):
+def test_uneven_batch_is_padded_and_cropped(sharded):
     """3 videos without CFG on a data axis of 2: padded to 4 inside, cropped back, equal to the one-device run."""
     r = sharded["2x4"]
     assert r["odd3_nocfg_shape"][0] == 3
     assert r["odd3_nocfg_max_abs_diff"] <= 1e-3
-    pipe = StableVideoDiffusionPipeline.from_pretrained(tiny_pipeline[1])
-    pipe.partitioner = Partitioner(make_mesh(data=1, space=len(jax.devices())))
-    assert pipe._padded_batch(3, cfg=False) == 3  # data axis of 1: nothing to pad
-    if len(jax.devices()) % 2 == 0:
-        pipe.partitioner = Partitioner(make_mesh(data=2))
-        assert (pipe._padded_batch(3, cfg=False), pipe._padded_batch(3, cfg=True)) == (4, 3)
+    from svd_jax.pipeline.inputs import padded_batch
+
+    assert padded_batch(3, cfg=False, data_size=1) == 3  # data axis of 1: nothing to pad
+    assert (padded_batch(3, cfg=False, data_size=2), padded_batch(3, cfg=True, data_size=2)) == (4, 3)
+    assert padded_batch(5, cfg=False, data_size=4) == 8
 
 
 def test_constrained_models_equal_unconstrained(tiny_pipeline, env):
