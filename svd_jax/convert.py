@@ -1,6 +1,6 @@
 """Offline converter: a diffusers/transformers SVD checkpoint -> svd-jax's Flax layout, which loads fast and lean.
 
-    python -m convert SRC DST [--variant fp16] [--dtype bfloat16]      (from the repo root)
+    python -m convert SRC DST [--variant fp16] [--dtype bfloat16]      (or python -m svd_jax.convert)
     svd-jax convert SRC DST [--variant fp16] [--dtype bfloat16]
 
 SRC is a hub repo id, a local diffusers pipeline folder (``model_index.json`` + ``unet/ vae/ image_encoder/
@@ -299,3 +299,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv=None, prog: str = "python -m convert") -> int:
     """Entry point of ``python -m convert``; returns the exit code."""
     return run(build_parser(prog).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m svd_jax.convert"))
