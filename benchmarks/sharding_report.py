@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from svd_jax.configs import SVD_VAE, SVD_XT_UNET
 from svd_jax.models import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from svd_jax.options import ModelOptions
 from svd_jax.sharding import Partitioner, make_mesh
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
@@ -47,8 +48,7 @@ def collective_bytes(hlo: str) -> dict[str, float]:
 
 
 def analyse(part, fn, args, in_shardings, out_sharding):
-    with part.tracing():
-        compiled = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_sharding).lower(*args).compile()
+    compiled = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_sharding).lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
@@ -95,8 +95,9 @@ def main():
                 make_mesh(data=2, space=n // 2, devices=devices[:n]) if cfg_data else \
                 make_mesh(data=1, space=n, devices=devices[:n])
             part = Partitioner(mesh, split=split)
-            unet = UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET, dtype=dt).clone(constrain=part.constrain)
-            vae = AutoencoderKLTemporalDecoder.from_config(SVD_VAE, dtype=dt).clone(constrain=part.constrain)
+            opts = part.model_options(ModelOptions())  # block-boundary constraints, kernels pinned at use
+            unet = UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET, dtype=dt, options=opts)
+            vae = AutoencoderKLTemporalDecoder.from_config(SVD_VAE, dtype=dt, options=opts)
             up, vp = unet.init_params_abstract(), vae.init_params_abstract()
             rep = part.sharding(P())
             vid = part.input_sharding(part.video_spec(), (b2 := 2 * videos, f, h, w, 8))
