@@ -11,8 +11,6 @@ The scheduler, feature-extractor and model-index files are the same for both.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -74,7 +72,7 @@ def abstract_pipeline(dtype=jnp.bfloat16, mesh=None, attention: str = "auto", fs
     from .scheduler import EulerScheduler
     from .sharding import Partitioner
 
-    part: Optional[Partitioner] = Partitioner(mesh, fsdp) if mesh is not None else None
+    part: Partitioner | None = Partitioner(mesh, fsdp) if mesh is not None else None
     mods = (UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET, dtype=dtype),
             AutoencoderKLTemporalDecoder.from_config(SVD_VAE, dtype=dtype),
             CLIPVisionModelWithProjection.from_config(SVD_CLIP, dtype=dtype))

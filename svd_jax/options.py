@@ -12,13 +12,13 @@ Both are hashable (they sit in Flax module fields and jit static arguments): equ
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 ATTENTION_BACKENDS = ("auto", "xla", "blockwise", "cudnn", "pallas")
 MiB = 2**20
 
 
-def check_byte_budget(name: str, value: Optional[int], allow_none: bool = True, minimum: int = 1) -> Optional[int]:
+def check_byte_budget(name: str, value: int | None, allow_none: bool = True, minimum: int = 1) -> int | None:
     """``value`` if it is an int >= ``minimum`` (or None where allowed), else ValueError naming ``name``."""
     if value is None and allow_none:
         return None
@@ -54,11 +54,11 @@ class ModelOptions:
     attention_q_block: int = 1024
     attention_k_block: int = 1024
     attention_auto_bytes: int = 256 * MiB
-    forward_chunk_bytes: Optional[int] = 256 * MiB
+    forward_chunk_bytes: int | None = 256 * MiB
     partitioned: bool = False
-    constrain: Optional[Callable] = None
-    conv_kernel_hook: Optional[Callable] = None
-    platform: Optional[str] = None
+    constrain: Callable | None = None
+    conv_kernel_hook: Callable | None = None
+    platform: str | None = None
 
     def __post_init__(self):
         if self.attention not in ATTENTION_BACKENDS:
@@ -116,9 +116,9 @@ class GenerationConfig:
     prediction_type: str
     clip_mean: tuple
     clip_std: tuple
-    stream_decode_bytes: Optional[int]
+    stream_decode_bytes: int | None
     model: ModelOptions
-    partitioner: Optional[object] = None
+    partitioner: object | None = None
 
     @property
     def data_size(self) -> int:

@@ -18,19 +18,20 @@ device-split image axis and computed wrong convolutions (jax 0.10, CPU).
 
 The models apply ``options.constrain(x)`` (:class:`~svd_jax.options.ModelOptions`) to (N, h, w, C) activations
 at block boundaries (N = videos x frames, b-major); :meth:`Partitioner.model_options` sets it to
-``with_sharding_constraint`` with these rules, and XLA inserts the collectives. Parameters are replicated, or with ``fsdp=True`` split over all devices along their largest
-dimension that divides (gathered by XLA where used).
+``with_sharding_constraint`` with these rules, and XLA inserts the collectives. Parameters are replicated, or
+with ``fsdp=True`` split over all devices along their largest dimension that divides (gathered by XLA where used).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .options import ModelOptions
 
@@ -39,7 +40,7 @@ AXES = (DATA, SPACE)
 SPLITS = ("height+frames", "height", "frames")
 
 
-def make_mesh(data: Optional[int] = None, space: Optional[int] = None, devices: Optional[Sequence] = None) -> Mesh:
+def make_mesh(data: int | None = None, space: int | None = None, devices: Sequence | None = None) -> Mesh:
     """A (data, space) mesh over ``devices`` (default: all of ``jax.devices()``, every process's).
 
     With no sizes: data = 2 (the two CFG halves of every video go to two device groups, which costs no

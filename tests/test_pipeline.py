@@ -1,6 +1,7 @@
 """The whole generation equals diffusers' StableVideoDiffusionPipeline on the same tiny weights (fp32, CPU)."""
 
 
+import diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion as ref_mod
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,6 @@ import PIL.Image
 import pytest
 import torch
 
-import diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion as ref_mod
 from svd_jax import StableVideoDiffusionPipeline
 from svd_jax.weights import CheckpointError
 from conftest import rel_err

@@ -56,7 +56,8 @@ def _inputs(seed, b, f, h, w, s, c_in=8, d=24):
 
 # non-square; odd level sizes (6 -> 3 -> 2, forwarded upsample sizes); S > 1 cross-attention tokens;
 # positive, negative and per-item timesteps
-@pytest.mark.parametrize("h,w,s,t", [(8, 12, 1, 1.6377), (6, 10, 1, -1.5537), (8, 4, 2, np.array([0.3, -0.7], np.float32))])
+@pytest.mark.parametrize("h,w,s,t", [(8, 12, 1, 1.6377), (6, 10, 1, -1.5537),
+                                     (8, 4, 2, np.array([0.3, -0.7], np.float32))])
 def test_tiny_unet_matches_diffusers(tiny_unet, h, w, s, t):
     model, module, params, _ = tiny_unet
     x, ehs, ids = _inputs(1, 2, 3, h, w, s)
@@ -205,7 +206,8 @@ def test_full_size_unet_numerics():
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:  # cheap to perturb, and enough to move every norm, bias and mix factor off 0/1
-                p.add_(0.1 * torch.randn(p.shape, generator=g) + (1.0 * torch.randn(p.shape, generator=g) if name.endswith("mix_factor") else 0))
+                mix = 1.0 * torch.randn(p.shape, generator=g) if name.endswith("mix_factor") else 0
+                p.add_(0.1 * torch.randn(p.shape, generator=g) + mix)
     module = UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET)
     params = load_params(module.init_params_abstract(), {k: v.numpy() for k, v in model.state_dict().items()})
     rng = np.random.default_rng(0)

@@ -58,7 +58,8 @@ def test_every_tensor_lands_transposed_right(tiny_vaes):
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     dec = params["decoder"]
     np.testing.assert_array_equal(dec["conv_in"]["kernel"], sd["decoder.conv_in.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(dec["time_conv_out"]["kernel"], sd["decoder.time_conv_out.weight"].transpose(2, 3, 4, 1, 0))
+    np.testing.assert_array_equal(dec["time_conv_out"]["kernel"],
+                                  sd["decoder.time_conv_out.weight"].transpose(2, 3, 4, 1, 0))
     np.testing.assert_array_equal(dec["mid_block"]["attentions_0"]["to_q"]["kernel"],
                                   sd["decoder.mid_block.attentions.0.to_q.weight"].T)
     np.testing.assert_array_equal(dec["up_blocks_1"]["resnets_2"]["temporal_res_block"]["norm2"]["scale"],
@@ -150,13 +151,15 @@ def test_legacy_attention_names(tiny_vaes, vae_copy):
 
 def test_missing_tensor(vae_copy):
     _rewrite(vae_copy, lambda t: t.pop("decoder.up_blocks.0.resnets.1.temporal_res_block.conv2.bias"))
-    with pytest.raises(CheckpointError, match=r"1 missing tensor.*\n.*decoder/up_blocks_0/resnets_1/temporal_res_block/conv2/bias"):
+    with pytest.raises(CheckpointError,
+                       match=r"1 missing tensor.*\n.*decoder/up_blocks_0/resnets_1/temporal_res_block/conv2/bias"):
         AutoencoderKLTemporalDecoder.from_pretrained(vae_copy)
 
 
 def test_unexpected_tensor(vae_copy):
     _rewrite(vae_copy, lambda t: t.update({"decoder.post_quant_conv.weight": np.zeros((4, 4, 1, 1), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"1 unexpected tensor.*\n\s+decoder.post_quant_conv.weight \[4, 4, 1, 1\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"1 unexpected tensor.*\n\s+decoder.post_quant_conv.weight \[4, 4, 1, 1\]"):
         AutoencoderKLTemporalDecoder.from_pretrained(vae_copy)
 
 
@@ -166,7 +169,8 @@ def test_wrong_shape(vae_copy):
     def shrink(t):
         t[key] = t[key][:, :16].copy()
     _rewrite(vae_copy, shrink)
-    with pytest.raises(CheckpointError, match=rf"shape mismatch.*\n\s+{key}: expected shape \[64, 32, 3, 3\], found \[64, 16, 3, 3\]"):
+    with pytest.raises(CheckpointError,
+                       match=rf"shape mismatch.*\n\s+{key}: expected shape \[64, 32, 3, 3\], found \[64, 16, 3, 3\]"):
         AutoencoderKLTemporalDecoder.from_pretrained(vae_copy)
 
 
@@ -180,7 +184,8 @@ def test_wrong_component_config(vae_copy):
     cfg = json.loads((vae_copy / "config.json").read_text())
     cfg["_class_name"] = "UNetSpatioTemporalConditionModel"
     (vae_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="is for UNetSpatioTemporalConditionModel, not AutoencoderKLTemporalDecoder"):
+    with pytest.raises(CheckpointError,
+                       match="is for UNetSpatioTemporalConditionModel, not AutoencoderKLTemporalDecoder"):
         AutoencoderKLTemporalDecoder.from_pretrained(vae_copy)
 
 
@@ -200,7 +205,8 @@ def test_truncated_file(vae_copy):
         AutoencoderKLTemporalDecoder.from_pretrained(vae_copy)
 
 
-@pytest.mark.parametrize("garbage", [b"", b"\x05\x00", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}", b"PK\x03\x04" * 50])
+@pytest.mark.parametrize("garbage", [b"", b"\x05\x00", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}",
+                                     b"PK\x03\x04" * 50])
 def test_corrupt_file(vae_copy, garbage):
     (vae_copy / VAE_FILE).write_bytes(garbage)
     with pytest.raises(CheckpointError, match=VAE_FILE):

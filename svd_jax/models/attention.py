@@ -7,9 +7,10 @@ attends; default ``"auto"``):
 
 * ``"xla"``: the plain formula; materialises the (heads, Sq, Sk) scores. Fastest for short sequences.
 * ``"blockwise"``: online softmax over key blocks (``lax.scan``) for query blocks (``lax.map``): peak memory
-  is set by the block sizes (``options.attention_q_block`` / ``attention_k_block``), never by Sq x Sk. Works on every backend and every head size (the VAE's single
-  512-dim head included). Blocks are strided subsets of the token axis (token i*n + j sits in block j), so a
-  token axis split over devices stays split inside every block.
+  is set by the block sizes (``options.attention_q_block`` / ``attention_k_block``), never by Sq x Sk. Works on
+  every backend and every head size (the VAE's single 512-dim head included). Blocks are strided subsets of
+  the token axis (token i*n + j sits in block j), so a token axis split over devices stays split inside every
+  block.
 * ``"cudnn"``: cuDNN fused flash attention (``jax.nn.dot_product_attention``), GPU only, bf16/fp16, head_dim
   <= 128. Selecting it elsewhere raises.
 * ``"pallas"``: the Pallas TPU flash-attention kernel (``jax.experimental.pallas.ops.tpu``), TPU only, on
@@ -147,20 +148,20 @@ def blockwise_attention(q, k, v, *, scale: float, q_block: int = DEFAULT_OPTIONS
         acc0 = jnp.zeros(lead + (qb, h, dv), jnp.float32)
 
         def step(carry, blk):
-            m, l, acc = carry
+            m, denom, acc = carry
             kc, vc, ok = blk
             s = jnp.einsum("...qhd,...khd->...hqk", qc, kc, preferred_element_type=jnp.float32) * scale
             s = jnp.where(ok.reshape((1,) * (s.ndim - 1) + (kb,)), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
-            l = l * corr + p.sum(axis=-1)
+            denom = denom * corr + p.sum(axis=-1)
             pv = jnp.einsum("...hqk,...khd->...qhd", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
             acc = acc * jnp.swapaxes(corr, -1, -2)[..., None] + pv
-            return (m_new, l, acc), None
+            return (m_new, denom, acc), None
 
-        (m, l, acc), _ = jax.lax.scan(step, (m0, jnp.zeros_like(m0), acc0), (ks, vs, valid))
-        return (acc / jnp.swapaxes(l, -1, -2)[..., None]).astype(q.dtype)
+        (m, denom, acc), _ = jax.lax.scan(step, (m0, jnp.zeros_like(m0), acc0), (ks, vs, valid))
+        return (acc / jnp.swapaxes(denom, -1, -2)[..., None]).astype(q.dtype)
 
     out = jax.lax.map(one_q_block, qs)  # (nq, ..., qb, h, dv)
     out = jnp.moveaxis(out, 0, -3).reshape(lead + (sq_p, h, dv))

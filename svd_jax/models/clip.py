@@ -223,12 +223,15 @@ class CLIPVisionModelWithProjection(PretrainedMixin, nn.Module):
     def validate(self):
         """Check the config values against what the architecture supports."""
         if self.hidden_act not in ACTIVATIONS:
-            raise CheckpointError(f"CLIP hidden_act {self.hidden_act!r} not supported; supported: {sorted(ACTIVATIONS)}")
+            raise CheckpointError(f"CLIP hidden_act {self.hidden_act!r} not supported; "
+                                  f"supported: {sorted(ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(
-                f"CLIP hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+                f"CLIP hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}")
         if self.image_size % self.patch_size:
-            raise CheckpointError(f"CLIP image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise CheckpointError(f"CLIP image_size {self.image_size} is not a multiple of patch_size "
+                                  f"{self.patch_size}")
 
     def setup(self):
         self.vision_model = CLIPVisionTransformer(

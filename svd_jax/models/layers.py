@@ -8,7 +8,7 @@ Submodule names mirror the diffusers attribute names so that the weight converte
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -148,7 +148,7 @@ class Conv(nn.Module):
 
     features: int
     kernel_size: tuple
-    strides: Optional[tuple] = None
+    strides: tuple | None = None
     padding: Any = None
     use_bias: bool = True
     dtype: Dtype = jnp.float32
@@ -182,7 +182,7 @@ class Conv(nn.Module):
         return y
 
 
-def conv(features: int, kernel, name: Optional[str], dtype: Dtype, param_dtype: Dtype, options: ModelOptions, *,
+def conv(features: int, kernel, name: str | None, dtype: Dtype, param_dtype: Dtype, options: ModelOptions, *,
          strides=None, padding=None, use_bias: bool = True) -> Conv:
     """torch.nn.Conv2d/3d with explicit padding (default: 'same' for odd kernels, symmetric)."""
     return Conv(features, tuple(kernel), strides, padding, use_bias, dtype, param_dtype, options, name=name)
@@ -201,7 +201,7 @@ class Attention(nn.Module):
     heads: int
     dim_head: int
     bias: bool = False
-    norm_num_groups: Optional[int] = None
+    norm_num_groups: int | None = None
     norm_eps: float = 1e-5
     residual_connection: bool = False
     out_bias: bool = True
@@ -330,10 +330,7 @@ class AlphaBlender(nn.Module):
             raise ValueError(f"unknown merge_strategy {self.merge_strategy!r}")
         mix = param(self, "mix_factor", nn.initializers.constant(self.alpha), (1,), self.param_dtype)
         mix = mix.astype(jnp.float32)
-        if self.merge_strategy == "fixed":
-            alpha = mix.reshape(())
-        else:
-            alpha = jax.nn.sigmoid(mix).reshape(())
+        alpha = (mix if self.merge_strategy == "fixed" else jax.nn.sigmoid(mix)).reshape(())
         if self.merge_strategy == "learned_with_images":
             if image_only_indicator is None:
                 raise ValueError("learned_with_images blending needs image_only_indicator (B, F)")
@@ -359,7 +356,7 @@ class SpatioTemporalResBlock(nn.Module):
 
     out_channels: int
     eps: float = 1e-6
-    temporal_eps: Optional[float] = None
+    temporal_eps: float | None = None
     merge_factor: float = 0.5
     merge_strategy: str = "learned_with_images"
     switch_spatial_to_temporal_mix: bool = False
@@ -451,7 +448,7 @@ class TimestepEmbedding(nn.Module):
     """diffusers TimestepEmbedding: linear_1 -> SiLU -> linear_2. (N, in) -> (N, out_dim or time_embed_dim)."""
 
     time_embed_dim: int
-    out_dim: Optional[int] = None
+    out_dim: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -497,8 +494,8 @@ class FeedForward(nn.Module):
     """
 
     mult: int = 4
-    dim_out: Optional[int] = None
-    chunk_size: Optional[int] = None
+    dim_out: int | None = None
+    chunk_size: int | None = None
     chunk_dim: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -522,5 +519,6 @@ class FeedForward(nn.Module):
             return map_rows(ff, x, 2 * inner * 4, budget)
         ax, n = self.chunk_dim, x.shape[self.chunk_dim]
         if n % self.chunk_size:
-            raise ValueError(f"forward chunking: axis {ax} of length {n} is not divisible by chunk_size {self.chunk_size}")
+            raise ValueError(f"forward chunking: axis {ax} of length {n} is not divisible by chunk_size "
+                             f"{self.chunk_size}")
         return map_chunks(ff, x, ax, self.chunk_size)

@@ -10,7 +10,8 @@ branch, frame-0 CLIP context for the temporal cross-attention, skip concat [hidd
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -54,7 +55,7 @@ class BasicTransformerBlock(nn.Module):
 
     heads: int
     dim_head: int
-    chunk_size: Optional[int] = None
+    chunk_size: int | None = None
     chunk_dim: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -81,7 +82,7 @@ class TemporalBasicTransformerBlock(nn.Module):
     heads: int
     dim_head: int
     num_frames: int
-    chunk_size: Optional[int] = None
+    chunk_size: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     options: ModelOptions = DEFAULT_OPTIONS
@@ -107,7 +108,7 @@ class TransformerSpatioTemporalModel(nn.Module):
     heads: int
     dim_head: int
     num_layers: int = 1
-    chunk_size: Optional[int] = None
+    chunk_size: int | None = None
     chunk_dim: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -154,7 +155,7 @@ class _Block(nn.Module):
     heads: int
     resnet_eps: float
     add_sample: bool  # downsampler / upsampler
-    chunk_size: Optional[int] = None
+    chunk_size: int | None = None
     chunk_dim: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -212,7 +213,7 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
     feed-forward slicing, partitioner hooks); never changes the parameter tree.
     """
 
-    sample_size: Optional[int] = None
+    sample_size: int | None = None
     in_channels: int = 8
     out_channels: int = 4
     down_block_types: Sequence[str] = ("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",)
@@ -220,12 +221,12 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
     block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
     addition_time_embed_dim: int = 256
     projection_class_embeddings_input_dim: int = 768
-    layers_per_block: Union[int, Sequence[int]] = 2
-    cross_attention_dim: Union[int, Sequence[int]] = 1024
-    transformer_layers_per_block: Union[int, Sequence[Any]] = 1
-    num_attention_heads: Union[int, Sequence[int]] = (5, 10, 20, 20)
+    layers_per_block: int | Sequence[int] = 2
+    cross_attention_dim: int | Sequence[int] = 1024
+    transformer_layers_per_block: int | Sequence[Any] = 1
+    num_attention_heads: int | Sequence[int] = (5, 10, 20, 20)
     num_frames: int = 25
-    forward_chunk_size: Optional[int] = None
+    forward_chunk_size: int | None = None
     forward_chunk_dim: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -276,7 +277,8 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
     def _check_inputs(self, sample, timestep, ehs, added_time_ids):
         _, _, cross, _, _ = self._levels()
         if sample.ndim != 5 or sample.shape[-1] != self.in_channels:
-            hint = " (channels-first? use (B, F, h, w, C))" if sample.ndim == 5 and sample.shape[2] == self.in_channels else ""
+            channels_first = sample.ndim == 5 and sample.shape[2] == self.in_channels
+            hint = " (channels-first? use (B, F, h, w, C))" if channels_first else ""
             raise ValueError(f"UNet sample must be (B, F, h, w, {self.in_channels}); got {tuple(sample.shape)}{hint}")
         b = sample.shape[0]
         t = jnp.shape(timestep)

@@ -9,7 +9,8 @@ frames) mixed by a learned AlphaBlender in the decoder's direction, and ends wit
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -308,7 +309,8 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
             )
         odd = [c for c in self.block_out_channels if c % 32]
         if odd:
-            raise CheckpointError(f"VAE block_out_channels {list(self.block_out_channels)}: each must be a multiple of 32 (GroupNorm groups)")
+            raise CheckpointError(f"VAE block_out_channels {list(self.block_out_channels)}: each must be a multiple "
+                                  "of 32 (GroupNorm groups)")
 
     @property
     def downscale(self) -> int:
@@ -325,7 +327,8 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
     def encode(self, x) -> DiagonalGaussian:
         """x (N, H, W, in_channels) in [-1, 1] -> posterior with mean/logvar (N, H/8, W/8, latent_channels)."""
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            hint = " (channels-first? transpose to (N, H, W, C))" if x.ndim == 4 and x.shape[1] == self.in_channels else ""
+            channels_first = x.ndim == 4 and x.shape[1] == self.in_channels
+            hint = " (channels-first? transpose to (N, H, W, C))" if channels_first else ""
             raise ValueError(f"VAE encode expects images (N, H, W, {self.in_channels}); got {tuple(x.shape)}{hint}")
         moments = self.quant_conv(self.encoder(x.astype(self.dtype)))
         mean, logvar = jnp.split(moments, 2, axis=-1)
@@ -341,8 +344,10 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive int; got {num_frames!r}")
         if z.ndim != 4 or z.shape[-1] != self.latent_channels:
-            hint = " (channels-first? transpose to (N, h, w, C))" if z.ndim == 4 and z.shape[1] == self.latent_channels else ""
-            raise ValueError(f"VAE decode expects latents (N, h, w, {self.latent_channels}); got {tuple(z.shape)}{hint}")
+            channels_first = z.ndim == 4 and z.shape[1] == self.latent_channels
+            hint = " (channels-first? transpose to (N, h, w, C))" if channels_first else ""
+            raise ValueError(f"VAE decode expects latents (N, h, w, {self.latent_channels}); "
+                             f"got {tuple(z.shape)}{hint}")
         if z.shape[0] % num_frames:
             raise ValueError(
                 f"VAE decode: {z.shape[0]} latents are not a whole number of videos of num_frames={num_frames}"
@@ -366,7 +371,7 @@ def _divisor_at_most(n: int, target: int) -> int:
     return max(d for d in range(1, max(1, min(n, target)) + 1) if n % d == 0)
 
 
-def _per_frame(fn, x, frame_chunk: Optional[int], slice_bytes: int):
+def _per_frame(fn, x, frame_chunk: int | None, slice_bytes: int):
     """fn over (c, H, W, C) chunks of x (N, H, W, C), one chunk at a time: c divides N, c = frame_chunk or the
     most frames whose input and output each stay within slice_bytes."""
     if frame_chunk is None:
@@ -376,7 +381,7 @@ def _per_frame(fn, x, frame_chunk: Optional[int], slice_bytes: int):
     return map_chunks(fn, x, 0, _divisor_at_most(x.shape[0], frame_chunk))
 
 
-def _temporal_tiled(block: SpatioTemporalResBlock, hs, ind, row_tile: Optional[int], slice_bytes: int):
+def _temporal_tiled(block: SpatioTemporalResBlock, hs, ind, row_tile: int | None, slice_bytes: int):
     """The temporal half and mixer of a (bound) decoder ``block`` on hs (N, H, W, C), in row tiles.
 
     The temporal resnet's convolutions are (3, 1, 1): each tile of rows holding every frame runs alone once its
@@ -428,7 +433,7 @@ def _streamed(vae: AutoencoderKLTemporalDecoder, z, num_frames: int, frame_chunk
 
 
 def decode_streamed(vae: AutoencoderKLTemporalDecoder, params, z, num_frames: int,
-                    frame_chunk: Optional[int] = None, row_tile: Optional[int] = None,
+                    frame_chunk: int | None = None, row_tile: int | None = None,
                     slice_bytes: int = SLICE_BYTES):
     """``vae.decode(z, num_frames)`` computed layer by layer in slices, so that no layer's whole activations and
     temporaries exist at once: the same maths (up to float summation order), for one device (no mesh).

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,18 +104,18 @@ class GenerationRequest:
 
     height: int = 576
     width: int = 1024
-    num_frames: Optional[int] = None
+    num_frames: int | None = None
     num_inference_steps: int = 25
-    sigmas: Optional[Sequence[float]] = None
+    sigmas: Sequence[float] | None = None
     min_guidance_scale: float = 1.0
     max_guidance_scale: float = 3.0
     fps: int = 7
     motion_bucket_id: int = 127
     noise_aug_strength: float = 0.02
-    decode_chunk_size: Optional[int] = None
+    decode_chunk_size: int | None = None
     num_videos_per_prompt: int = 1
-    seed: Optional[int] = None
-    rng: Optional[Any] = None
+    seed: int | None = None
+    rng: Any | None = None
     latents: Any = None
     output_type: str = "pil"
     progress: bool = False
@@ -238,5 +239,6 @@ def prepare(pipe, image, req: GenerationRequest):
         clip_images=np.asarray(clip_images, np.float32), vae_images=np.asarray(vae_images, np.float32),
         image_noise=np.asarray(image_noise), latents=latents, video_src=video_src,
         sigmas=np.asarray(schedule.sigmas, np.float32), timesteps=np.asarray(schedule.timesteps, np.float32),
-        guidance=np.asarray(guidance), time_ids=np.asarray(time_ids), noise_aug_strength=np.float32(req.noise_aug_strength))
+        guidance=np.asarray(guidance), time_ids=np.asarray(time_ids),
+        noise_aug_strength=np.float32(req.noise_aug_strength))
     return inputs, config, b, bp

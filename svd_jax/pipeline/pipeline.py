@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,7 @@ class StableVideoDiffusionPipelineOutput:
     frames: Any
 
 
-def resolve_dtype(dtype, mesh: Optional[Mesh] = None) -> jnp.dtype:
+def resolve_dtype(dtype, mesh: Mesh | None = None) -> jnp.dtype:
     """``"auto"`` -> bfloat16 on TPU/GPU, float32 on CPU (the platform of ``mesh``'s devices, else the default
     backend); a float dtype (or its name) -> itself; anything else raises."""
     if isinstance(dtype, str) and dtype == "auto":
@@ -84,12 +84,12 @@ class StableVideoDiffusionPipeline:
     def __init__(self, unet: UNetSpatioTemporalConditionModel, vae: AutoencoderKLTemporalDecoder,
                  image_encoder: CLIPVisionModelWithProjection, scheduler: EulerScheduler, params: dict,
                  dtype=jnp.float32, image_mean=pre.CLIP_MEAN, image_std=pre.CLIP_STD,
-                 partitioner: Optional[Partitioner] = None, attention: str = "auto",
-                 options: Optional[ModelOptions] = None):
+                 partitioner: Partitioner | None = None, attention: str = "auto",
+                 options: ModelOptions | None = None):
         self.options = _merge_options(options, attention)
         enable_compile_cache()  # compiled generations persist across processes (opt out: SVD_JAX_COMPILE_CACHE=0)
         self.partitioner = partitioner
-        self.stream_decode_bytes: Optional[int] = STREAM_DECODE_BYTES
+        self.stream_decode_bytes: int | None = STREAM_DECODE_BYTES
         self.unet, self.vae, self.image_encoder, self.scheduler = unet, vae, image_encoder, scheduler
         self.params = params
         self.dtype = jnp.dtype(dtype)
@@ -109,12 +109,12 @@ class StableVideoDiffusionPipeline:
         self.options = self.options.replace(attention=name)
 
     @property
-    def forward_chunk_bytes(self) -> Optional[int]:
+    def forward_chunk_bytes(self) -> int | None:
         """Feed-forwards whose float32 hidden layer exceeds this many bytes run in row slices (None: never)."""
         return self.options.forward_chunk_bytes
 
     @forward_chunk_bytes.setter
-    def forward_chunk_bytes(self, max_bytes: Optional[int]):
+    def forward_chunk_bytes(self, max_bytes: int | None):
         self.options = self.options.replace(forward_chunk_bytes=max_bytes)
 
     @property
@@ -123,9 +123,9 @@ class StableVideoDiffusionPipeline:
         return stages.Modules(self.unet, self.vae, self.image_encoder)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype="auto", variant: Optional[str] = None,
-                        *, mesh: Optional[Mesh] = None, fsdp: bool = False, attention: str = "auto",
-                        options: Optional[ModelOptions] = None, revision: Optional[str] = None, cache_dir=None,
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype="auto", variant: str | None = None,
+                        *, mesh: Mesh | None = None, fsdp: bool = False, attention: str = "auto",
+                        options: ModelOptions | None = None, revision: str | None = None, cache_dir=None,
                         local_files_only: bool = False):
         """Load a diffusers-layout SVD folder or hub repo (model_index.json, unet/, vae/, image_encoder/,
         scheduler/, feature_extractor/). ``variant="fp16"`` reads the fp16 files; weights are cast to ``dtype``.
@@ -211,7 +211,7 @@ class StableVideoDiffusionPipeline:
                 frames = [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in frames]
         return StableVideoDiffusionPipelineOutput(frames) if return_dict else frames
 
-    def lower(self, *, images: int = 1, image_size: Optional[tuple] = None, cfg: Optional[bool] = None, **kwargs):
+    def lower(self, *, images: int = 1, image_size: tuple | None = None, cfg: bool | None = None, **kwargs):
         """Trace the generation for one configuration on abstract inputs (nothing is computed on the device):
         returns a ``jax.stages.Lowered``; ``.compile().memory_analysis()`` / ``.cost_analysis()`` then give the
         program's peak memory and FLOPs, e.g. at full size with :func:`svd_jax.configs.abstract_pipeline`.
@@ -224,7 +224,7 @@ class StableVideoDiffusionPipeline:
         """
         return self._lower(images, image_size, cfg, kwargs)[0]
 
-    def compile(self, *, images: int = 1, image_size: Optional[tuple] = None, cfg: Optional[bool] = None,
+    def compile(self, *, images: int = 1, image_size: tuple | None = None, cfg: bool | None = None,
                 **kwargs):
         """Compile the generation for one configuration ahead of the first call (arguments as :meth:`lower`) and
         keep it: calls with that configuration (same sizes, steps, CFG on/off, chunking, batch, options and
@@ -253,7 +253,7 @@ class StableVideoDiffusionPipeline:
         return config, inputs.signature(), tuple(sig(p) for p in jax.tree_util.tree_leaves(self.params))
 
 
-def _merge_options(options: Optional[ModelOptions], attention: str) -> ModelOptions:
+def _merge_options(options: ModelOptions | None, attention: str) -> ModelOptions:
     """``options`` (default: the defaults) with ``attention`` where it is not the default "auto"."""
     options = DEFAULT_OPTIONS if options is None else options
     return options if attention == "auto" else options.replace(attention=attention)
