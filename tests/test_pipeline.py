@@ -318,3 +318,24 @@ def test_compile_ahead_serves_calls(pipes):
     np.testing.assert_array_equal(got, pipe(_image(6), seed=4, fps=9, output_type="np", **kw).frames)
     fresh(_image(6), seed=4, output_type="np", decode_chunk_size=1, **kw)
     assert fresh.trace_count == 2  # another configuration: traced
+
+
+def test_call_lower_and_compile_share_one_argument_list(pipes):
+    """pipe(...), pipe.lower(...) and pipe.compile(...) take the fields of GenerationRequest (shown in their
+    signatures); an unknown keyword is refused by name before anything is traced."""
+    import dataclasses
+    import inspect
+
+    from svd_jax.pipeline import GenerationRequest
+
+    _, pipe, _ = pipes
+    fields = [f.name for f in dataclasses.fields(GenerationRequest)]
+    for method in (pipe.__call__, pipe.lower, pipe.compile):
+        assert set(fields) <= set(inspect.signature(method).parameters), method
+    assert inspect.signature(pipe.lower).parameters["output_type"].default == "np"
+    count = pipe.trace_count
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['steps'\].*num_inference_steps"):
+        pipe(_image(), steps=3)
+    with pytest.raises(TypeError, match=r"\['bogus'\]"):
+        pipe.lower(bogus=1)
+    assert pipe.trace_count == count

@@ -9,6 +9,7 @@ pytree with one sharding rule per field) and the :class:`~svd_jax.options.Genera
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -128,6 +129,22 @@ class GenerationRequest:
         if unknown:
             raise TypeError(f"{where} got unexpected argument(s) {unknown}; its arguments are {names}")
         return cls(**kwargs)
+
+
+def with_request_signature(fn=None, **defaults):
+    """``fn`` (whose ``**kwargs`` are a :class:`GenerationRequest`) shown with the request's fields as its
+    keyword arguments (``defaults`` where ``fn`` has its own), for ``help()``, notebooks and IDEs; the call itself
+    is unchanged. Use as ``@with_request_signature`` or ``@with_request_signature(output_type="np")``."""
+    if fn is None:
+        return lambda f: with_request_signature(f, **defaults)
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    taken = {p.name for p in own}
+    fields = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(f.name, f.default),
+                                annotation=f.type)
+              for f in dataclasses.fields(GenerationRequest) if f.name not in taken]
+    fn.__signature__ = sig.replace(parameters=own + fields)
+    return fn
 
 
 def _pos_int(name, v):

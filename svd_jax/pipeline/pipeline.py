@@ -36,7 +36,7 @@ from ..scheduler import EulerScheduler
 from ..sharding import Partitioner
 from ..weights import FLAX_DTYPES, CheckpointError, resolve_pipeline_root
 from . import progress, stages
-from .inputs import GenerationRequest, prepare
+from .inputs import GenerationRequest, prepare, with_request_signature
 
 COMPONENTS = ("unet", "vae", "image_encoder", "scheduler")
 # One device: decode chunks whose full-resolution activations (chunk x H x W x the decoder's last channels) would
@@ -172,9 +172,7 @@ class StableVideoDiffusionPipeline:
         self.trace_count += 1
         return stages.generate(self.modules, params, inputs, config)
 
-    def _prepare(self, image, req: GenerationRequest):
-        return prepare(self, image, req)
-
+    @with_request_signature
     def __call__(self, image, *, return_dict: bool = True, **kwargs):
         """Generate videos from image(s).
 
@@ -193,7 +191,7 @@ class StableVideoDiffusionPipeline:
           PIL images; "np" (B, F, H, W, 3) float32 in [0, 1]; "latent" the final latents (B, F, h, w, C).
         """
         req = GenerationRequest.from_kwargs("StableVideoDiffusionPipeline.__call__", kwargs)
-        inputs, config, b, bp = self._prepare(image, req)
+        inputs, config, b, bp = prepare(self, image, req)
         program = self._compiled.get(self._program_key(inputs, config)) if self._compiled else None
         if self.partitioner is not None:
             inputs = inputs.place(self.partitioner)
@@ -211,6 +209,7 @@ class StableVideoDiffusionPipeline:
                 frames = [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in frames]
         return StableVideoDiffusionPipelineOutput(frames) if return_dict else frames
 
+    @with_request_signature(output_type="np")
     def lower(self, *, images: int = 1, image_size: tuple | None = None, cfg: bool | None = None, **kwargs):
         """Trace the generation for one configuration on abstract inputs (nothing is computed on the device):
         returns a ``jax.stages.Lowered``; ``.compile().memory_analysis()`` / ``.cost_analysis()`` then give the
@@ -224,6 +223,7 @@ class StableVideoDiffusionPipeline:
         """
         return self._lower(images, image_size, cfg, kwargs)[0]
 
+    @with_request_signature(output_type="np")
     def compile(self, *, images: int = 1, image_size: tuple | None = None, cfg: bool | None = None,
                 **kwargs):
         """Compile the generation for one configuration ahead of the first call (arguments as :meth:`lower`) and
@@ -242,7 +242,7 @@ class StableVideoDiffusionPipeline:
             kwargs["max_guidance_scale"] = 3.0 if cfg else 1.0
         req = GenerationRequest.from_kwargs("StableVideoDiffusionPipeline.lower", kwargs)
         h0, w0 = image_size or (req.height, req.width)
-        inputs, config, _, _ = self._prepare(np.zeros((images, h0, w0, 3), np.float32), req)
+        inputs, config, _, _ = prepare(self, np.zeros((images, h0, w0, 3), np.float32), req)
         lowered = self._jitted.lower(self.params, inputs.abstract(self.partitioner), config=config)
         return lowered, self._program_key(inputs, config)
 
