@@ -339,3 +339,40 @@ def test_call_lower_and_compile_share_one_argument_list(pipes):
     with pytest.raises(TypeError, match=r"\['bogus'\]"):
         pipe.lower(bogus=1)
     assert pipe.trace_count == count
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(noise_aug_strength=float("nan")), "noise_aug_strength must be a finite number"),
+    (dict(max_guidance_scale=float("inf")), "max_guidance_scale must be a finite number"),
+    (dict(fps=0), r"fps must be > 0"),
+    (dict(noise_aug_strength=-0.5), "noise_aug_strength must be >= 0"),
+    (dict(sigmas=[300.0, float("nan"), 0.0]), "sigmas must be finite"),
+])
+def test_non_finite_arguments_refused_before_tracing(pipes, kw, msg):
+    _, pipe, _ = pipes
+    count = pipe.trace_count
+    with pytest.raises(ValueError, match=msg):
+        pipe(_image(), height=H, width=W, num_frames=F, num_inference_steps=1, **kw)
+    bad = np.full((1, 20, 30, 3), 0.5, np.float32)
+    bad[0, 3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match="finite values"):
+        pipe(bad, height=H, width=W, num_frames=F, num_inference_steps=1)
+    assert pipe.trace_count == count
+
+
+def test_min_guidance_above_max_warns(pipes):
+    _, pipe, _ = pipes
+    with pytest.warns(UserWarning, match="CFG is off"):
+        pipe.lower(height=H, width=W, num_frames=F, num_inference_steps=1, min_guidance_scale=2.0,
+                   max_guidance_scale=1.0)
+
+
+def test_non_finite_weights_raise_instead_of_a_black_video(pipes):
+    """A NaN in the weights (safetensors has no checksum) makes the frames NaN: the call raises, saying why."""
+    _, pipe, _ = pipes
+    params = jax.tree_util.tree_map(lambda a: a, pipe.params)
+    params["unet"]["conv_out"]["bias"] = params["unet"]["conv_out"]["bias"].at[0].set(jnp.nan)
+    broken = StableVideoDiffusionPipeline(pipe.unet, pipe.vae, pipe.image_encoder, pipe.scheduler, params)
+    for output_type in ("np", "latent"):
+        with pytest.raises(RuntimeError, match="non-finite values.*weights may be corrupt"):
+            broken(_image(), height=H, width=W, num_frames=F, num_inference_steps=1, output_type=output_type)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -165,8 +166,24 @@ def check(req: GenerationRequest, num_frames: int, chunk: int, scale: int) -> No
         _pos_int("num_inference_steps", req.num_inference_steps)
     elif len(req.sigmas) < 2:
         raise ValueError(f"sigmas must hold at least 2 values (the terminal one included); got {list(req.sigmas)}")
+    elif not all(math.isfinite(float(s)) and s >= 0 for s in req.sigmas):
+        raise ValueError(f"sigmas must be finite and >= 0; got {list(req.sigmas)}")
+    for name in ("min_guidance_scale", "max_guidance_scale", "fps", "motion_bucket_id", "noise_aug_strength"):
+        value = getattr(req, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
+    if req.fps <= 0:
+        raise ValueError(f"fps must be > 0 (the UNet is conditioned on fps - 1); got {req.fps}")
+    if req.noise_aug_strength < 0:
+        raise ValueError(f"noise_aug_strength must be >= 0; got {req.noise_aug_strength}")
     if req.output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {req.output_type!r}")
+    if req.min_guidance_scale > req.max_guidance_scale:
+        what = ("CFG is off (max_guidance_scale <= 1)" if req.max_guidance_scale <= 1 else
+                "the guidance decreases from the first frame to the last")
+        warnings.warn(f"min_guidance_scale {req.min_guidance_scale} > max_guidance_scale {req.max_guidance_scale}: "
+                      f"{what}", stacklevel=4)
     if not 0 <= req.motion_bucket_id <= 255:
         warnings.warn(f"motion_bucket_id={req.motion_bucket_id} is outside the trained range [0, 255]", stacklevel=4)
 
@@ -190,6 +207,8 @@ def prepare_images(image, height: int, width: int):
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"an image array must be (N, H, W, 3) in [0, 1]; got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("an image array must hold finite values in [0, 1]; it holds NaN or inf")
     if arr.min() < 0 or arr.max() > 1:
         raise ValueError(f"an image array must hold values in [0, 1]; got [{arr.min():.3g}, {arr.max():.3g}]")
     if arr.shape[1:3] == (height, width):

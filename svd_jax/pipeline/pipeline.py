@@ -203,8 +203,10 @@ class StableVideoDiffusionPipeline:
             out = out[:b]
         if req.output_type == "latent":
             frames = out
+            _check_finite(bool(jnp.isfinite(out).all()), self.dtype)
         else:
             frames = _to_host(out)
+            _check_finite(bool(np.isfinite(frames).all()), self.dtype)
             if req.output_type == "pil":
                 frames = [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in frames]
         return StableVideoDiffusionPipelineOutput(frames) if return_dict else frames
@@ -251,6 +253,15 @@ class StableVideoDiffusionPipeline:
         dtypes (the input shardings follow from the shapes and the pipeline's mesh)."""
         sig = lambda a: (tuple(np.shape(a)), str(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype))
         return config, inputs.signature(), tuple(sig(p) for p in jax.tree_util.tree_leaves(self.params))
+
+
+def _check_finite(finite: bool, dtype) -> None:
+    """RuntimeError, instead of a silently black video, when the program produced NaN or inf."""
+    if not finite:
+        hint = "float16 overflows easily: try bfloat16 or float32; " if jnp.dtype(dtype) == jnp.float16 else ""
+        raise RuntimeError(f"the generation produced non-finite values (NaN or inf) with dtype {jnp.dtype(dtype).name}"
+                           f": {hint}the weights may be corrupt (safetensors files carry no checksum: compare them "
+                           "with the source, or download them again)")
 
 
 def _merge_options(options: ModelOptions | None, attention: str) -> ModelOptions:
