@@ -19,6 +19,15 @@ Remote caches (``gs://...``, shared by the hosts of a pod) are jax's business: s
 or ``JAX_COMPILATION_CACHE_DIR`` to the URL; this module then leaves it alone. The cache is not size-limited
 (jax's limit, ``jax_compilation_cache_max_size``, needs the ``filelock`` package); delete the directory to clear it.
 
+What a cache entry depends on: the program, the jax/jaxlib versions, the devices (kind and count) and XLA flags;
+not on where the cache or the installation lives, so a cache folder can be copied or moved (baked into a VM
+image, shared by the hosts of a pod) and still hit. jax's default also turns on XLA's GPU autotuning cache in a
+folder inside the cache directory, whose absolute path then enters every key (a moved cache missed everything);
+here that extra XLA cache is off (``jax_persistent_cache_enable_xla_caches="none"``) unless the user set it.
+
+A damaged entry (a truncated or garbled file) is removed when jax fails to read it, so that this run's compile
+writes it afresh and the next run is warm again (jax alone would warn and recompile on every run).
+
 The cache is trusted code: anyone who can write to its directory can make this process run what they wrote
 (see jax's guide to the persistent compilation cache). Do not point it at a directory others can write to.
 """
@@ -44,6 +53,10 @@ _OFF = ("0", "false", "no", "off")
 MIN_COMPILE_TIME_SECS = 0.0
 # -1: no lower bound on the entry size, and jax may not raise it for the file system behind the cache.
 MIN_ENTRY_SIZE_BYTES = -1
+
+# jax's default for its extra XLA caches: the GPU autotuning cache, in a folder under the cache directory.
+_JAX_DEFAULT_XLA_CACHES = "xla_gpu_per_fusion_autotune_cache_dir"
+_ENTRY_SUFFIX = "-cache"  # jax's file cache names an entry <key>-cache
 
 _lock = threading.Lock()
 
@@ -79,6 +92,36 @@ def _set(name: str, value) -> bool:
     except AttributeError:
         logger.debug("jax %s has no config option %s; not set", jax.__version__, name)
         return False
+
+
+def _remove_damaged_entries_on_read() -> None:
+    """Wrap jax's cache read so that an entry it cannot read is deleted (then rewritten by the compile that
+    follows). jax's internals move between releases: where the hook does not fit, jax's behaviour is kept."""
+    try:
+        from jax._src import compilation_cache as jcc
+    except ImportError:
+        return
+    read = getattr(jcc, "get_executable_and_time", None)
+    if read is None or getattr(read, "_svd_jax_repairs", False):
+        return
+
+    def get_executable_and_time(cache_key, *args, **kwargs):
+        try:
+            return read(cache_key, *args, **kwargs)
+        except Exception:
+            current = _get("jax_compilation_cache_dir")  # the directory in use now (the user may move it)
+            if not current or _is_url(current):
+                raise
+            entry = Path(current) / f"{cache_key}{_ENTRY_SUFFIX}"
+            try:
+                entry.unlink()
+                logger.warning("removed the damaged compilation cache entry %s; this compile rewrites it", entry)
+            except OSError:
+                pass
+            raise
+
+    get_executable_and_time._svd_jax_repairs = True
+    jcc.get_executable_and_time = get_executable_and_time
 
 
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
@@ -120,8 +163,11 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> Path | None:
         target = target.resolve()
         _set("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_SECS)
         _set("jax_persistent_cache_min_entry_size_bytes", MIN_ENTRY_SIZE_BYTES)
+        if _get("jax_persistent_cache_enable_xla_caches") == _JAX_DEFAULT_XLA_CACHES:
+            _set("jax_persistent_cache_enable_xla_caches", "none")  # keys free of the cache's path (docstring)
         if not _set("jax_compilation_cache_dir", str(target)):
             return None
+        _remove_damaged_entries_on_read()
         try:
             # Older jax decides once, at the first compile, whether the cache is in use; if something compiled
             # before this call, that decision was "no dir, no cache". Resetting an uninitialised cache (there

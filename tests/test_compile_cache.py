@@ -153,3 +153,40 @@ def test_second_process_hits_cache(tmp_path):
     assert "/jax/compilation_cache/cache_hits" in second["events"]
     assert "/jax/compilation_cache/cache_misses" not in second["events"]
     assert sorted(p.name for p in cache.iterdir()) == sorted(p.name for p in entries)  # nothing new written
+
+
+def _entries(cache):
+    return sorted(p.name for p in cache.iterdir() if p.is_file())
+
+
+def test_copied_cache_still_hits(tmp_path):
+    """A cache folder copied elsewhere (a VM image, a pod's shared disk) is a hit: no key holds its path."""
+    import shutil
+
+    env = {k: v for k, v in os.environ.items() if k not in (cc.ENV_SWITCH, "JAX_COMPILATION_CACHE_DIR")}
+    env.update({cc.ENV_DIR: str(tmp_path / "a"), "JAX_PLATFORMS": "cpu"})
+    _run_child(env)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    moved = _run_child(dict(env, **{cc.ENV_DIR: str(tmp_path / "b")}))
+    assert "/jax/compilation_cache/cache_hits" in moved["events"]
+    assert "/jax/compilation_cache/cache_misses" not in moved["events"]
+    assert _entries(tmp_path / "b") == _entries(tmp_path / "a")
+
+
+def test_damaged_entry_is_replaced(tmp_path):
+    """A truncated entry: that run recompiles and rewrites it, so the next run hits again (jax alone would
+    warn and recompile on every run)."""
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k not in (cc.ENV_SWITCH, "JAX_COMPILATION_CACHE_DIR")}
+    env.update({cc.ENV_DIR: str(cache), "JAX_PLATFORMS": "cpu"})
+    _run_child(env)
+    entries = [p for p in cache.iterdir() if p.is_file() and p.name.endswith("-cache")]
+    assert entries
+    for p in entries:
+        p.write_bytes(p.read_bytes()[:40])  # truncated
+    repaired = _run_child(env)
+    assert "/jax/compilation_cache/cache_misses" in repaired["events"]
+    assert all(p.stat().st_size > 1000 for p in entries)  # rewritten whole (the executable, a few kB)
+    warm = _run_child(env)
+    assert "/jax/compilation_cache/cache_hits" in warm["events"]
+    assert "/jax/compilation_cache/cache_misses" not in warm["events"]
