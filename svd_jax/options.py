@@ -98,7 +98,6 @@ class GenerationConfig:
       cfg: classifier-free guidance on (the UNet sees [uncond; cond] halves).
       decode_chunk_size: frames decoded at once within a video.
       latent_output: return the final latents instead of decoded frames.
-      progress: the denoising loop reports each step to the host (a progress bar).
       dtype: the compute dtype's name.
       prediction_type: the scheduler's (``"v_prediction"`` for SVD).
       clip_mean, clip_std: the CLIP image normalisation.
@@ -111,7 +110,6 @@ class GenerationConfig:
     cfg: bool
     decode_chunk_size: int
     latent_output: bool
-    progress: bool
     dtype: str
     prediction_type: str
     clip_mean: tuple

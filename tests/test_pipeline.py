@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from svd_jax import StableVideoDiffusionPipeline
+from svd_jax.configs import CLIP_PROCESSOR_CONFIG
 from svd_jax.weights import CheckpointError
-from conftest import rel_err
+from conftest import TINY_PIPE_CLIP, make_clip, rel_err
 
 H, W, F = 32, 48, 3
 
@@ -159,12 +160,17 @@ def test_seed_determinism(pipes):
 
 
 def test_progress_bar(pipes, capsys):
+    """progress=True runs the same generation step by step from the host (no callback inside a program, which
+    would keep it out of the persistent cache): a bar, and bit for bit the same result."""
     _, pipe, _ = pipes
-    kw = dict(height=H, width=W, num_frames=F, num_inference_steps=3, output_type="latent", seed=0)
-    pipe(_image(), progress=True, **kw)
-    assert "3/3" in capsys.readouterr().err
-    pipe(_image(), **kw)
-    assert "denoising" not in capsys.readouterr().err
+    for output_type in ("latent", "np"):
+        kw = dict(height=H, width=W, num_frames=F, num_inference_steps=3, output_type=output_type, seed=0)
+        with_bar = pipe(_image(), progress=True, **kw).frames
+        err = capsys.readouterr().err
+        assert "3/3" in err and err.count("denoising") >= 1
+        plain = pipe(_image(), **kw).frames
+        assert "denoising" not in capsys.readouterr().err
+        np.testing.assert_array_equal(np.asarray(with_bar), np.asarray(plain))
 
 
 def test_cli_generate_and_make_tiny(tmp_path):
@@ -376,3 +382,83 @@ def test_non_finite_weights_raise_instead_of_a_black_video(pipes):
     for output_type in ("np", "latent"):
         with pytest.raises(RuntimeError, match="non-finite values.*weights may be corrupt"):
             broken(_image(), height=H, width=W, num_frames=F, num_inference_steps=1, output_type=output_type)
+
+
+CLIP_SIZE_30 = 30  # an image encoder smaller than SVD's 224 (patches of 6: 5 x 5 + 1 positions)
+
+
+@pytest.fixture(scope="module")
+def small_clip_pipes(tiny_pipeline, tmp_path_factory):
+    """The tiny pipeline with a CLIP of image_size 30 and a feature extractor of that size: (diffusers pipeline,
+    ours, folder)."""
+    from diffusers import EulerDiscreteScheduler
+    from diffusers import StableVideoDiffusionPipeline as TorchPipeline
+    from transformers import CLIPImageProcessor
+
+    base, _ = tiny_pipeline
+    clip = make_clip({**TINY_PIPE_CLIP, "image_size": CLIP_SIZE_30, "patch_size": 6}, seed=5)
+    square = {"height": CLIP_SIZE_30, "width": CLIP_SIZE_30}
+    fe = CLIPImageProcessor(**{**CLIP_PROCESSOR_CONFIG, "crop_size": square,
+                               "size": {"shortest_edge": CLIP_SIZE_30}})
+    ref = TorchPipeline(vae=base.vae, image_encoder=clip, unet=base.unet, feature_extractor=fe,
+                        scheduler=EulerDiscreteScheduler.from_config(base.scheduler.config))
+    ref.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("tiny_svd_clip30")
+    ref.save_pretrained(folder)
+    return ref, StableVideoDiffusionPipeline.from_pretrained(folder), folder
+
+
+def test_clip_input_size_is_the_image_encoders(small_clip_pipes, monkeypatch):
+    """CLIP images are resized to the image encoder's image_size. diffusers resizes to 224 whatever the encoder
+    (hard-coded in `_encode_image`), which an encoder of another size refuses; with that 224 replaced by the
+    encoder's size, diffusers' frames are ours, and the embedding is transformers' CLIP on the image resized so."""
+    from svd_jax.pipeline import stages
+
+    ref, pipe, _ = small_clip_pipes
+    assert pipe.image_encoder.image_size == CLIP_SIZE_30
+    image = _image()
+    latents = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (1, F, H // 8, W // 8, 4)))
+    kw = dict(num_inference_steps=2)
+    with pytest.raises(ValueError, match="doesn't match model"):  # transformers' CLIP refuses 224 x 224
+        _reference(ref, image, 5, latents, **kw)
+
+    resize, asked = ref_mod._resize_with_antialiasing, []
+
+    def resize_to_encoder(x, size, *args, **kwargs):
+        asked.append(tuple(size))
+        return resize(x, (CLIP_SIZE_30, CLIP_SIZE_30), *args, **kwargs)
+
+    monkeypatch.setattr(ref_mod, "_resize_with_antialiasing", resize_to_encoder)
+    expected = _reference(ref, image, 5, latents, **kw)
+    assert asked == [(224, 224)]
+    out = pipe(image, height=H, width=W, num_frames=F, seed=5, latents=latents, output_type="np", **kw).frames
+    assert out.shape == expected.shape == (1, F, H, W, 3)
+    print(f"CLIP {CLIP_SIZE_30}: max abs diff vs diffusers {np.abs(out - expected).max():.2e}")
+    assert rel_err(out, expected) <= 1e-4
+
+    x = torch.from_numpy(np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 255)
+    x = (resize(x * 2 - 1, (CLIP_SIZE_30, CLIP_SIZE_30)) + 1) / 2
+    pixels = ref.feature_extractor(images=x, do_normalize=True, do_center_crop=False, do_resize=False,
+                                   do_rescale=False, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        want = ref.image_encoder(pixels).image_embeds.numpy()
+    clip_images = np.asarray(image, np.float32)[None] / 255
+    got = stages.image_embeddings(pipe.image_encoder, pipe.params["image_encoder"], clip_images, pipe.image_mean,
+                                  pipe.image_std, jnp.float32)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_feature_extractor_size_other_than_the_encoders_warns(small_clip_pipes, tmp_path):
+    import json
+    import shutil
+
+    *_, folder = small_clip_pipes
+    shutil.copytree(folder, tmp_path / "p")
+    fe = tmp_path / "p" / "feature_extractor" / "preprocessor_config.json"
+    cfg = json.loads(fe.read_text())
+    assert cfg["crop_size"] == {"height": CLIP_SIZE_30, "width": CLIP_SIZE_30}
+    fe.write_text(json.dumps({**cfg, "crop_size": {"height": 224, "width": 224}}))
+    with pytest.warns(UserWarning, match=r"size 224x224 is not the image encoder's image_size 30; CLIP images are "
+                                         r"resized to 30x30"):
+        pipe = StableVideoDiffusionPipeline.from_pretrained(tmp_path / "p")
+    assert pipe.image_encoder.image_size == CLIP_SIZE_30

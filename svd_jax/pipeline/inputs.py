@@ -267,7 +267,7 @@ def prepare(pipe, image, req: GenerationRequest):
     time_ids = jnp.asarray([req.fps - 1, req.motion_bucket_id, req.noise_aug_strength], jnp.float32)
     model = pipe.options if part is None else part.model_options(pipe.options)
     config = GenerationConfig(
-        cfg=cfg, decode_chunk_size=chunk, latent_output=req.output_type == "latent", progress=bool(req.progress),
+        cfg=cfg, decode_chunk_size=chunk, latent_output=req.output_type == "latent",
         dtype=jnp.dtype(pipe.dtype).name, prediction_type=pipe.scheduler.prediction_type,
         clip_mean=pipe.image_mean, clip_std=pipe.image_std, stream_decode_bytes=pipe.stream_decode_bytes,
         model=model, partitioner=part)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -96,6 +97,13 @@ class StableVideoDiffusionPipeline:
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.vae_scale_factor = vae.downscale
         self._jitted = jax.jit(self._program, static_argnames=("config",))
+        # The same generation as three programs, run step by step from the host when a call asks for progress
+        # (stages.begin / denoise_step / finish): no host callbacks, so they persist in the compile cache.
+        self._begin = jax.jit(lambda p, inputs, config: stages.begin(self.modules, p, inputs, config),
+                              static_argnames=("config",))
+        self._step = jax.jit(self._step_program, static_argnames=("config",), donate_argnums=(2,))
+        self._finish = jax.jit(lambda p, lat, config: stages.finish(self.modules, p, lat, config),
+                               static_argnames=("config",))
         self._compiled = {}  # programs built by compile(), by _program_key: calls with that key run them
         self.trace_count = 0  # how many times the generation was traced (compiled); for tests and users
 
@@ -165,12 +173,33 @@ class StableVideoDiffusionPipeline:
         if fe.is_file():
             cfg = json.loads(fe.read_text())
             mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
+            _check_processor_size(cfg, enc.image_size, fe)
         return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std, part,
                    options=options)
 
     def _program(self, params, inputs, *, config):
         self.trace_count += 1
         return stages.generate(self.modules, params, inputs, config)
+
+    def _step_program(self, params, cond, lat, i, sigmas, timesteps, *, config):
+        unet = stages.with_options(self.unet, config.model)
+        return stages.denoise_step(unet, params["unet"], cond, lat, i, sigmas, timesteps, config)
+
+    def _run_stepwise(self, inputs, config):
+        """The generation with a progress bar: begin, one program call per step (the bar advances as each
+        finishes), finish. Each program is compiled once per configuration and persists in the compile cache."""
+        lat, cond = self._begin(self.params, inputs, config=config)
+        n = int(np.shape(inputs.timesteps)[0])
+        progress.start(n)
+        try:
+            for i in range(n):
+                lat = self._step(self.params, cond, lat, np.int32(i), inputs.sigmas, inputs.timesteps,
+                                 config=config)
+                jax.block_until_ready(lat)
+                progress.tick()
+        finally:
+            progress.close()
+        return self._finish(self.params, lat, config=config)
 
     @with_request_signature
     def __call__(self, image, *, return_dict: bool = True, **kwargs):
@@ -195,10 +224,12 @@ class StableVideoDiffusionPipeline:
         program = self._compiled.get(self._program_key(inputs, config)) if self._compiled else None
         if self.partitioner is not None:
             inputs = inputs.place(self.partitioner)
-        out = program(self.params, inputs) if program is not None else self._jitted(self.params, inputs,
-                                                                                    config=config)
         if req.progress:
-            progress.close()
+            out = self._run_stepwise(inputs, config)
+        elif program is not None:
+            out = program(self.params, inputs)
+        else:
+            out = self._jitted(self.params, inputs, config=config)
         if bp > b:
             out = out[:b]
         if req.output_type == "latent":
@@ -262,6 +293,33 @@ def _check_finite(finite: bool, dtype) -> None:
         raise RuntimeError(f"the generation produced non-finite values (NaN or inf) with dtype {jnp.dtype(dtype).name}"
                            f": {hint}the weights may be corrupt (safetensors files carry no checksum: compare them "
                            "with the source, or download them again)")
+
+
+def _processor_size(cfg: dict) -> tuple[int, int] | None:
+    """The (height, width) a CLIPImageProcessor config (``preprocessor_config.json``) makes its images: the
+    ``crop_size`` when it center-crops, else a ``size`` of height and width; None where it does not say (a
+    ``shortest_edge`` resize without a crop)."""
+    def hw(v):
+        if isinstance(v, int):
+            return v, v
+        if isinstance(v, dict) and "height" in v and "width" in v:
+            return int(v["height"]), int(v["width"])
+        return None
+
+    if cfg.get("do_center_crop", True) and cfg.get("crop_size") is not None:
+        return hw(cfg["crop_size"])
+    return hw(cfg.get("size")) if cfg.get("do_resize", True) else None
+
+
+def _check_processor_size(cfg: dict, image_size: int, where) -> None:
+    """Warn where the feature extractor's size is not the image encoder's: the CLIP input is resized to the
+    encoder's ``image_size`` (what diffusers' ``_encode_image`` feeds it: 224, SVD's; it never applies the
+    feature extractor's resize or crop), the only size the encoder takes."""
+    size = _processor_size(cfg)
+    if size is not None and size != (image_size, image_size):
+        warnings.warn(f"{where}: the feature extractor's size {size[0]}x{size[1]} is not the image encoder's "
+                      f"image_size {image_size}; CLIP images are resized to {image_size}x{image_size}",
+                      stacklevel=3)
 
 
 def _merge_options(options: ModelOptions | None, attention: str) -> ModelOptions:

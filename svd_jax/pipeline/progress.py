@@ -1,31 +1,28 @@
-"""Progress reporting from inside the compiled denoising loop.
+"""Progress reporting for the stepwise generation (svd_jax/pipeline/pipeline.py ``_run_stepwise``).
 
-The scan calls :func:`tick` through ``jax.debug.callback`` (ordered) when the generation's config asks for
-progress; the bar lives on the host and is created on the first step. The program stays a pure function of its
-inputs, so it is cached like any other (the callback is part of the program, not of its inputs).
+The host loop calls :func:`start`, :func:`tick` after each denoising step's program finishes and
+:func:`close` at the end. No
+callback runs inside a compiled program: a program with host callbacks is never written to jax's persistent
+compile cache, so every run would compile again.
 """
 
 from __future__ import annotations
 
-import jax
-
 _BAR = {}
 
 
-def tick(i, n):
-    """Host callback: advance a tqdm bar over ``n`` steps (created when step ``i`` is 0)."""
+def start(n: int) -> None:
+    """A tqdm bar over ``n`` denoising steps (closing the last run's, if any)."""
     from tqdm.auto import tqdm
 
-    i, n = int(i), int(n)
-    if i == 0 or "bar" not in _BAR:
-        close()
-        _BAR["bar"] = tqdm(total=n, desc="denoising", unit="step")
-    _BAR["bar"].update(1)
+    close()
+    _BAR["bar"] = tqdm(total=n, desc="denoising", unit="step")
 
 
-def report(i, n: int) -> None:
-    """Inside a traced loop: report step ``i`` (traced) of ``n`` to the host, in order."""
-    jax.debug.callback(tick, i, n, ordered=True)
+def tick() -> None:
+    """One more step done."""
+    if "bar" in _BAR:
+        _BAR["bar"].update(1)
 
 
 def close() -> None:

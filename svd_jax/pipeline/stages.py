@@ -7,7 +7,9 @@
   (what a training loss calls, with the same conditioning).
 * :func:`denoise`: every sampler step in one ``lax.scan``, with classifier-free guidance.
 * :func:`decode`: latents -> frames, chunk by chunk within each video (streamed on one device past a size).
-* :func:`generate`: the whole program (what ``StableVideoDiffusionPipeline`` jits).
+* :func:`generate`: the whole program (what ``StableVideoDiffusionPipeline`` jits); :func:`begin`,
+  :func:`denoise_step` and :func:`finish`: the same, as three programs a host loop runs step by step (for
+  progress reporting without host callbacks, which would keep programs out of the persistent compile cache).
 
 The models are taken as given and run with ``config.model`` (:func:`with_options`); nothing here reads the
 pipeline object.
@@ -25,7 +27,6 @@ from ..models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection
 from ..models.vae import decode_streamed
 from ..options import GenerationConfig, ModelOptions
 from ..scheduler import scale_model_input, step
-from . import progress
 from .inputs import GenerationInputs
 
 
@@ -50,8 +51,9 @@ def _pin(x, config: GenerationConfig):
 
 def image_embeddings(image_encoder, params, clip_images, mean, std, dtype):
     """clip_images (N, H0, W0, 3) float32 in [0, 1], any size -> CLIP image embeddings (N, D) in ``dtype``:
-    anti-aliased resize to the encoder's size, CLIP normalisation (``mean``, ``std``), the encoder."""
-    pixels = pre.clip_preprocess(clip_images, mean, std)
+    anti-aliased resize to the encoder's size (its ``image_size``: 224 for SVD, diffusers' hard-coded size),
+    CLIP normalisation (``mean``, ``std``), the encoder."""
+    pixels = pre.clip_preprocess(clip_images, mean, std, image_encoder.image_size)
     return image_encoder.apply({"params": params}, pixels.astype(dtype)).image_embeds
 
 
@@ -92,6 +94,54 @@ def velocity(unet, params, sample, timestep, embeddings, time_ids):
     return unet.apply({"params": params}, sample, timestep, embeddings, time_ids).sample.astype(jnp.float32)
 
 
+class Guidance(NamedTuple):
+    """What every denoising step needs besides the latents (made once by :func:`guidance_setup`): with CFG the
+    [uncond; cond] halves of each."""
+
+    embeddings: jax.Array  # (B or 2B, 1, D)
+    image_latents: jax.Array  # (B or 2B, F, h, w, C'), broadcast over the frames
+    time_ids: jax.Array  # (B or 2B, 3)
+    scale: jax.Array  # (1, F, 1, 1, 1) float32 per-frame CFG scale
+
+
+def guidance_setup(latents, embeddings, image_latents_, time_ids, guidance, config: GenerationConfig) -> Guidance:
+    """latents (B, F, h, w, C) (for the shape), embeddings (B, 1, D), image_latents_ (B, h, w, C'), time_ids (3,)
+    [fps - 1, motion bucket, aug], guidance (F,) -> :class:`Guidance`; negatives are zeros for both
+    conditionings."""
+    dt = jnp.dtype(config.dtype)
+    b, f = latents.shape[:2]
+    emb, z_img = embeddings, image_latents_
+    ids = jnp.broadcast_to(time_ids.astype(dt), (b, time_ids.shape[0]))
+    if config.cfg:  # [uncond; cond]
+        emb = jnp.concatenate([jnp.zeros_like(emb), emb])
+        z_img = jnp.concatenate([jnp.zeros_like(z_img), z_img])
+        ids = jnp.concatenate([ids, ids])
+    z_img = _pin(jnp.broadcast_to(z_img[:, None], (z_img.shape[0], f) + z_img.shape[1:]), config)
+    return Guidance(emb, z_img, ids, guidance.astype(jnp.float32)[None, :, None, None, None])
+
+
+def denoise_step(unet, params, cond: Guidance, lat, i, sigmas, timesteps, config: GenerationConfig):
+    """One sampler step at step index ``i`` (traced): lat (B, F, h, w, C) float32 -> the next latents."""
+    dt = jnp.dtype(config.dtype)
+    cfg = config.cfg
+    sigma, sigma_next, t = sigmas[i], sigmas[i + 1], timesteps[i]
+    emb, ids = cond.embeddings, cond.time_ids
+    inp = denoiser_input(jnp.concatenate([lat, lat]) if cfg else lat, sigma, cond.image_latents, dt)
+    run = lambda a: velocity(unet, params, *a)
+    if cfg and config.sequential_cfg:
+        # The two CFG halves one after the other (a scan of 2): the same maths per sample, about half the
+        # UNet's activation memory. Not with a data axis, which splits the halves over devices.
+        halves = lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:])
+        v = jax.lax.map(run, (halves(inp), jnp.stack([t, t]), halves(emb), halves(ids)))
+        v = v.reshape((-1,) + v.shape[2:])
+    else:
+        v = run((inp, t, emb, ids))
+    if cfg:
+        v_u, v_c = jnp.split(v, 2)
+        v = v_u + cond.scale * (v_c - v_u)
+    return _pin(step(v, lat, sigma, sigma_next, config.prediction_type), config)
+
+
 def denoise(unet, params, latents, embeddings, image_latents_, time_ids, sigmas, timesteps, guidance,
             config: GenerationConfig):
     """Every sampler step in one ``lax.scan``.
@@ -104,40 +154,9 @@ def denoise(unet, params, latents, embeddings, image_latents_, time_ids, sigmas,
       the final latents (B, F, h, w, C) float32.
     """
     unet = with_options(unet, config.model)
-    dt = jnp.dtype(config.dtype)
-    cfg = config.cfg
-    b, f = latents.shape[:2]
-    emb, z_img = embeddings, image_latents_
-    ids = jnp.broadcast_to(time_ids.astype(dt), (b, time_ids.shape[0]))
-    if cfg:  # negatives are zeros for both conditionings; [uncond; cond]
-        emb = jnp.concatenate([jnp.zeros_like(emb), emb])
-        z_img = jnp.concatenate([jnp.zeros_like(z_img), z_img])
-        ids = jnp.concatenate([ids, ids])
-    z_img = _pin(jnp.broadcast_to(z_img[:, None], (z_img.shape[0], f) + z_img.shape[1:]), config)
-    g = guidance.astype(jnp.float32)[None, :, None, None, None]
-    n_steps = timesteps.shape[0]
-
-    def body(lat, i):
-        sigma, sigma_next, t = sigmas[i], sigmas[i + 1], timesteps[i]
-        inp = denoiser_input(jnp.concatenate([lat, lat]) if cfg else lat, sigma, z_img, dt)
-        run = lambda a: velocity(unet, params, *a)
-        if cfg and config.sequential_cfg:
-            # The two CFG halves one after the other (a scan of 2): the same maths per sample, about half the
-            # UNet's activation memory. Not with a data axis, which splits the halves over devices.
-            halves = lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:])
-            v = jax.lax.map(run, (halves(inp), jnp.stack([t, t]), halves(emb), halves(ids)))
-            v = v.reshape((-1,) + v.shape[2:])
-        else:
-            v = run((inp, t, emb, ids))
-        if cfg:
-            v_u, v_c = jnp.split(v, 2)
-            v = v_u + g * (v_c - v_u)
-        lat = _pin(step(v, lat, sigma, sigma_next, config.prediction_type), config)
-        if config.progress:
-            progress.report(i, n_steps)
-        return lat, None
-
-    lat, _ = jax.lax.scan(body, _pin(latents.astype(jnp.float32), config), jnp.arange(n_steps))
+    cond = guidance_setup(latents, embeddings, image_latents_, time_ids, guidance, config)
+    body = lambda lat, i: (denoise_step(unet, params, cond, lat, i, sigmas, timesteps, config), None)
+    lat, _ = jax.lax.scan(body, _pin(latents.astype(jnp.float32), config), jnp.arange(timesteps.shape[0]))
     return lat
 
 
@@ -191,6 +210,18 @@ def _decode_chunks(dec, z, n, c, d):
     out = out.reshape((b // d, n, d, c) + out.shape[3:])
     out = jnp.moveaxis(out, 2, 0)  # (d, B//d, n, c, ...)
     return out.reshape((b, n * c) + out.shape[4:])
+
+
+def begin(modules: Modules, params, inputs: GenerationInputs, config: GenerationConfig):
+    """The stepwise generation's first program: conditioning -> (initial latents (B, F, h, w, C), Guidance)."""
+    emb, z_img = conditioning(modules, params, inputs, config)
+    cond = guidance_setup(inputs.latents, emb, z_img, inputs.time_ids, inputs.guidance, config)
+    return _pin(inputs.latents.astype(jnp.float32), config), cond
+
+
+def finish(modules: Modules, params, latents, config: GenerationConfig):
+    """The stepwise generation's last program: the final latents -> what :func:`generate` returns."""
+    return latents if config.latent_output else decode(modules.vae, params["vae"], latents, config)
 
 
 def generate(modules: Modules, params, inputs: GenerationInputs, config: GenerationConfig):
