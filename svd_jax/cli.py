@@ -3,90 +3,228 @@
     svd-jax generate --image photo.png --output video.mp4 [--model REPO_OR_DIR --steps 25 --seed 0 ...]
     svd-jax make-tiny DIR        # a tiny random checkpoint in the hub layout, for offline smoke runs
     svd-jax convert SRC DST [--variant fp16 --dtype bfloat16]   # to the Flax layout, which loads faster and leaner
+
+Failures end in one ``svd-jax <command>: error: ...`` line naming the flag (exit status 2 for bad arguments, 1 for
+a failure while running, 130 when interrupted); ``--debug`` (or ``SVD_JAX_DEBUG=1``) shows the traceback instead.
+Every argument of ``generate`` is checked before anything is loaded. This module imports neither jax nor the
+models at import time, so ``--help`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 
-from .weights import FLAX_DTYPES
-
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
+DTYPES = ("float32", "bfloat16", "float16")  # the weights' dtypes (svd_jax.weights.FLAX_DTYPES; tested equal)
+DEBUG_ENV = "SVD_JAX_DEBUG"
+URL_SCHEMES = ("http", "https")
+
+
+class UsageError(Exception):
+    """A command-line argument that cannot work; the message names the flag."""
+
+
+def _formatter(prog):
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    """The converter's arguments (shared by ``python -m convert`` and ``svd-jax convert``)."""
+    p.add_argument("src", help="hub repo id, local diffusers pipeline folder, or one component folder")
+    p.add_argument("dst", help="output folder (absent or empty)")
+    p.add_argument("--variant", default=None,
+                   help='weights variant to read, e.g. "fp16" (default: the default weights)')
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="dtype of the converted weights (default: the source's)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder")
+    p.add_argument("--local-files-only", action="store_true", help="use the hub cache only, no network")
+    p.add_argument("--quiet", action="store_true", help="no per-component lines on stderr")
+    p.add_argument("--debug", action="store_true", help=f"show tracebacks (also ${DEBUG_ENV}=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``svd-jax`` (subcommands ``generate``, ``make-tiny`` and ``convert``)."""
     p = argparse.ArgumentParser(prog="svd-jax", description="Stable Video Diffusion image-to-video in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="image -> video (.mp4 or .gif)")
+    g = sub.add_parser("generate", help="image -> video (.mp4 or .gif)", formatter_class=_formatter)
     g.add_argument("--image", required=True, help="input image: a file path or an http(s) URL")
-    g.add_argument("--output", default="video.mp4", help="output .mp4 or .gif (default: %(default)s)")
+    g.add_argument("--output", default="video.mp4", help="output .mp4 or .gif")
     g.add_argument("--model", default=os.environ.get("SVD_JAX_MODEL", DEFAULT_MODEL),
-                   help="hub repo id or local diffusers-layout folder (default: $SVD_JAX_MODEL or %(default)s)")
+                   help="hub repo id or local diffusers-layout folder ($SVD_JAX_MODEL overrides the default)")
     g.add_argument("--variant", default="auto",
                    help='weights variant: "fp16", "none", or "auto" (fp16 for the default hub model, else none)')
-    g.add_argument("--dtype", default="auto", choices=["auto", *FLAX_DTYPES],
-                   help="compute dtype (default auto: bfloat16 on TPU/GPU, float32 on CPU)")
-    g.add_argument("--height", type=int, default=576)
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--num-frames", type=int, default=None, help="default: the UNet config's num_frames")
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="compute dtype (auto: bfloat16 on TPU/GPU, float32 on CPU)")
+    g.add_argument("--height", type=int, default=576, help="frame height, a multiple of 8")
+    g.add_argument("--width", type=int, default=1024, help="frame width, a multiple of 8")
+    g.add_argument("--num-frames", type=int, default=None, help="frames (default: the UNet config's num_frames)")
     g.add_argument("--steps", type=int, default=25, help="denoising steps")
-    g.add_argument("--min-guidance", type=float, default=1.0)
-    g.add_argument("--max-guidance", type=float, default=3.0)
+    g.add_argument("--min-guidance", type=float, default=1.0, help="CFG scale of the first frame")
+    g.add_argument("--max-guidance", type=float, default=3.0, help="CFG scale of the last frame (<= 1: CFG off)")
     g.add_argument("--fps", type=int, default=7, help="conditioning fps, and the frame rate of the output")
-    g.add_argument("--motion-bucket-id", type=int, default=127)
-    g.add_argument("--noise-aug-strength", type=float, default=0.02)
-    g.add_argument("--decode-chunk-size", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    t = sub.add_parser("make-tiny", help="write a tiny random SVD checkpoint (hub layout) to DIR")
+    g.add_argument("--motion-bucket-id", type=int, default=127, help="motion conditioning (trained on 0..255)")
+    g.add_argument("--noise-aug-strength", type=float, default=0.02, help="noise added to the conditioning image")
+    g.add_argument("--decode-chunk-size", type=int, default=None, help="frames decoded at once (default: all)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
+    g.add_argument("--debug", action="store_true", help=f"show tracebacks (also ${DEBUG_ENV}=1)")
+    t = sub.add_parser("make-tiny", help="write a tiny random SVD checkpoint (hub layout) to DIR",
+                       formatter_class=_formatter)
     t.add_argument("dir")
-    t.add_argument("--seed", type=int, default=0)
-    c = sub.add_parser("convert", help="convert a diffusers checkpoint to the Flax layout (see svd_jax/convert.py)")
-    from .convert import add_arguments  # costs nothing more: svd_jax/__init__ has imported jax and the models
-
-    add_arguments(c)
+    t.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    t.add_argument("--debug", action="store_true", help=f"show tracebacks (also ${DEBUG_ENV}=1)")
+    c = sub.add_parser("convert", help="convert a diffusers checkpoint to the Flax layout (see svd_jax/convert.py)",
+                       formatter_class=_formatter)
+    add_convert_arguments(c)
     return p
 
 
-def _generate(args) -> int:
-    from .pipeline import StableVideoDiffusionPipeline
-    from .video import export_to_gif, export_to_video, load_image
+def _warn(msg: str) -> None:
+    print(f"svd-jax generate: warning: {msg}", file=sys.stderr)
 
+
+def check_generate_args(args) -> None:
+    """UsageError (naming the flag) for any ``generate`` argument that cannot work; warnings for ones that work
+    but probably not as meant. Cheap: reads no weights and imports nothing heavy."""
+    def at_least(flag, value, low):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}; got {value}")
+
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        at_least(flag, value, 8)
+        if value % 8:
+            raise UsageError(f"{flag} must be a multiple of 8; got {value} (e.g. {value // 8 * 8})")
+    at_least("--steps", args.steps, 1)
+    at_least("--num-frames", args.num_frames, 1)
+    at_least("--decode-chunk-size", args.decode_chunk_size, 1)
+    at_least("--fps", args.fps, 1)
+    for flag, value in (("--min-guidance", args.min_guidance), ("--max-guidance", args.max_guidance),
+                        ("--noise-aug-strength", args.noise_aug_strength)):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number; got {value}")
+    if args.noise_aug_strength < 0:
+        raise UsageError(f"--noise-aug-strength must be >= 0; got {args.noise_aug_strength}")
+    if not 0 <= args.motion_bucket_id <= 255:
+        _warn(f"--motion-bucket-id {args.motion_bucket_id} is outside the trained range 0..255")
+    if args.min_guidance > args.max_guidance:
+        what = ("CFG is off (--max-guidance <= 1), so --min-guidance has no effect" if args.max_guidance <= 1 else
+                "the guidance decreases from the first frame to the last")
+        _warn(f"--min-guidance {args.min_guidance} > --max-guidance {args.max_guidance}: {what}")
+    if "://" in args.image:
+        scheme = args.image.split("://", 1)[0].lower()
+        if scheme not in URL_SCHEMES:
+            raise UsageError(f"--image {args.image}: unsupported URL scheme {scheme!r}; use a local file or an "
+                             f"{'/'.join(URL_SCHEMES)} URL")
+    elif not os.path.isfile(os.path.expanduser(args.image)):
+        raise UsageError(f"--image {args.image}: no such file")
+    from .video import check_fps, check_output_path
+
+    for check in (lambda: check_output_path(args.output), lambda: check_fps(args.fps, args.output)):
+        try:
+            check()
+        except ValueError as e:  # the messages start with the argument's name: "output ...", "fps ..."
+            raise UsageError(f"--{e}") from None
+    from .weights.locate import looks_like_local_path
+
+    model = os.path.expanduser(str(args.model))
+    if not os.path.isdir(model) and (looks_like_local_path(args.model) or os.path.exists(model)):
+        raise UsageError(f"--model {args.model}: no such folder (and not a hub repo id 'owner/name')")
+
+
+def _status(args, msg: str) -> None:
+    if not args.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _load(args, variant, dtype):
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    from .pipeline import StableVideoDiffusionPipeline
+
+    try:
+        return StableVideoDiffusionPipeline.from_pretrained(args.model, dtype=dtype, variant=variant)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        raise RuntimeError(f"--model {args.model}: not in the local hub cache, and the hub cannot be reached "
+                           f"({type(e).__name__}); download it once while online, or pass --model /path/to/a/"
+                           "local/pipeline/folder") from e
+
+
+def _generate(args) -> int:
+    check_generate_args(args)
     variant = {"auto": "fp16" if args.model == DEFAULT_MODEL else None, "none": None}.get(args.variant, args.variant)
+    from .compile_cache import enable_compile_cache
+    from .video import load_image, save_video
+
     image = load_image(args.image)
     t0 = time.perf_counter()
-    pipe = StableVideoDiffusionPipeline.from_pretrained(args.model, dtype=args.dtype, variant=variant)
+    pipe = _load(args, variant, args.dtype)
     t1 = time.perf_counter()
+    cache = enable_compile_cache()
+    _status(args, "generating; the first run with these settings compiles the program (seconds for small sizes, "
+                  "minutes at full size)" + (f", later runs read it from the cache in {cache}" if cache else ""))
     frames = pipe(image, height=args.height, width=args.width, num_frames=args.num_frames,
                   num_inference_steps=args.steps, min_guidance_scale=args.min_guidance,
                   max_guidance_scale=args.max_guidance, fps=args.fps, motion_bucket_id=args.motion_bucket_id,
                   noise_aug_strength=args.noise_aug_strength, decode_chunk_size=args.decode_chunk_size,
                   seed=args.seed, output_type="np", progress=not args.quiet).frames
     t2 = time.perf_counter()
-    writer = export_to_gif if args.output.lower().endswith(".gif") else export_to_video
-    writer(frames[0], args.output, fps=args.fps)
-    print(f"wrote {args.output}: {frames.shape[1]} frames {frames.shape[3]}x{frames.shape[2]}, {pipe.dtype.name} "
-          f"(load {t1 - t0:.1f} s, generate incl. compile {t2 - t1:.1f} s)", file=sys.stderr)
+    save_video(frames[0], args.output, fps=args.fps)
+    _status(args, f"wrote {args.output}: {frames.shape[1]} frames {frames.shape[3]}x{frames.shape[2]}, "
+                  f"{pipe.dtype.name} (load {t1 - t0:.1f} s, generate incl. compile {t2 - t1:.1f} s)")
     return 0
+
+
+def _make_tiny(args) -> int:
+    from .tiny import make_tiny_checkpoint
+
+    print(make_tiny_checkpoint(args.dir, seed=args.seed))
+    return 0
+
+
+def _convert(args) -> int:
+    from .convert import run
+
+    return run(args)
+
+
+COMMANDS = {"generate": _generate, "make-tiny": _make_tiny, "convert": _convert}
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, (OSError, RuntimeError, ValueError)) and type(e).__module__ == "builtins":
+        return msg
+    if type(e).__name__ == "CheckpointError":
+        return msg
+    return f"{type(e).__name__}: {msg}"
 
 
 def main(argv=None) -> int:
     """Entry point of ``svd-jax``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    if args.command == "make-tiny":
-        from .tiny import make_tiny_checkpoint
-
-        print(make_tiny_checkpoint(args.dir, seed=args.seed))
-        return 0
-    if args.command == "convert":
-        from .convert import run
-
-        return run(args)
-    return _generate(args)
+    args = build_parser().parse_args(argv)  # argparse's own usage errors exit with status 2
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+    where = f"svd-jax {args.command}"
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{where}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the command line reports every failure in one line
+        if debug:
+            raise
+        print(f"{where}: error: {_one_line(e)} (--debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

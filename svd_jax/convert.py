@@ -32,6 +32,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from .cli import add_convert_arguments
 from .models import (
     AutoencoderKLTemporalDecoder,
     CLIPVisionModelWithProjection,
@@ -259,19 +260,8 @@ def convert_checkpoint(
     return dst
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The converter's arguments (shared by ``python -m convert`` and ``svd-jax convert``)."""
-    p.add_argument("src", help="hub repo id, local diffusers pipeline folder, or one component folder")
-    p.add_argument("dst", help="output folder (absent or empty)")
-    p.add_argument("--variant", default=None,
-                   help='weights variant to read, e.g. "fp16" (default: the default weights)')
-    p.add_argument("--dtype", default=None, choices=list(FLAX_DTYPES),
-                   help="dtype of the converted weights (default: the source's)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder")
-    p.add_argument("--local-files-only", action="store_true", help="use the hub cache only, no network")
-    p.add_argument("--quiet", action="store_true", help="no per-component lines on stderr")
+# The arguments live in the CLI module, which imports nothing heavy (``svd-jax --help`` stays instant).
+add_arguments = add_convert_arguments
 
 
 def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:

@@ -382,7 +382,10 @@ def save_video(frames: Frames, path: str | os.PathLike, fps: float = 7) -> Path:
 def load_image(path_or_url: str | os.PathLike, timeout: float = 30.0) -> PIL.Image.Image:
     """Open a local file or an http(s) URL as an RGB PIL image (EXIF orientation applied)."""
     s = str(path_or_url)
-    if s.startswith(("http://", "https://")):
+    scheme = s.split("://", 1)[0].lower() if "://" in s else None
+    if scheme is not None and scheme not in ("http", "https"):
+        raise ValueError(f"image {s}: unsupported URL scheme {scheme!r}; use a local file or an http(s) URL")
+    if scheme is not None:
         import urllib.request
 
         with urllib.request.urlopen(s, timeout=timeout) as r:  # noqa: S310 - user-given URL

@@ -432,3 +432,10 @@ def test_ctrl_c_during_encode_keeps_old_file(tmp_path):
     assert "KeyboardInterrupt" in stderr and "finished" not in stdout, stderr
     assert out.read_bytes() == b"old video"
     assert os.listdir(tmp_path) == ["video.mp4"]
+
+
+def test_load_image_refuses_other_url_schemes():
+    from svd_jax.video import load_image
+
+    with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'"):
+        load_image("ftp://example.com/photo.png")
