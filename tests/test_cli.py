@@ -118,3 +118,22 @@ def test_warnings_for_arguments_that_work_differently_than_meant(image, tmp_path
     args.max_guidance = 2.0
     cli.check_generate_args(args)
     assert "decreases from the first frame to the last" in capsys.readouterr().err
+
+
+def test_second_cli_run_is_warm_with_the_progress_bar(tmp_path, image):
+    """The default CLI (progress bar on) writes every program to the persistent cache: a second process compiles
+    nothing (jax reports each persistent-cache miss with JAX_EXPLAIN_CACHE_MISSES=1)."""
+    from svd_jax.tiny import make_tiny_checkpoint
+
+    tiny = make_tiny_checkpoint(tmp_path / "tiny")
+    env = dict(os.environ, SVD_JAX_CACHE_DIR=str(tmp_path / "xla"), JAX_EXPLAIN_CACHE_MISSES="1",
+               JAX_PLATFORMS="cpu")
+    env.pop("SVD_JAX_COMPILE_CACHE", None)
+    argv = [sys.executable, "-m", "svd_jax.cli", "generate", "--model", str(tiny), "--image", image, "--output",
+            str(tmp_path / "out.mp4"), "--height", "64", "--width", "96", "--num-frames", "3", "--steps", "2"]
+    runs = [subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "denoising" in r.stderr and "2/2" in r.stderr  # the bar was shown
+    assert "PERSISTENT COMPILATION CACHE MISS" in runs[0].stderr  # the check sees misses where there are some
+    assert "PERSISTENT COMPILATION CACHE MISS" not in runs[1].stderr, runs[1].stderr[-3000:]
