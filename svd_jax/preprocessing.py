@@ -6,7 +6,9 @@ Two branches of diffusers' ``StableVideoDiffusionPipeline`` take the user's cond
   in [-1, 1], goes through kornia-style anti-aliased resize to 224x224 (Gaussian blur + bicubic,
   ``align_corners=True``), back to [0, 1], then OpenAI-CLIP mean/std normalisation. Here the blur and the
   bicubic resize are linear per axis, so they are folded into two dense matrices (``clip_resize_matrices``)
-  and applied as ``Mh @ X @ Mw^T``.
+  and applied as ``Mh @ X @ Mw^T``. diffusers hard-codes 224, SVD's image encoder's ``image_size``; the
+  pipeline here resizes to its encoder's ``image_size`` (the only size a CLIP without position interpolation
+  takes), so SVD's is unchanged and smaller CLIP configs work.
 * VAE branch (``video_processor.preprocess(image, height, width)``): PIL LANCZOS resize to (height, width)
   (rounded down to multiples of 8), /255, then ``2x - 1``.
 
@@ -37,6 +39,8 @@ __all__ = [
 # transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD, the defaults of CLIPImageProcessor and SVD's feature_extractor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# diffusers' `_encode_image` resize target (hard-coded), SVD's image encoder's image_size; the default of
+# clip_preprocess only: the pipeline passes its encoder's image_size.
 CLIP_SIZE = 224
 # 2 ** (len(vae.block_out_channels) - 1) for the SVD VAE.
 VAE_SCALE_FACTOR = 8
@@ -137,7 +141,7 @@ def clip_resize_matrices(in_h: int, in_w: int, out_h: int = CLIP_SIZE, out_w: in
 
     Args:
         in_h, in_w: input image size in pixels (each >= 2; torch's reflect pad fails on a 1-pixel axis).
-        out_h, out_w: output size (224x224 for CLIP).
+        out_h, out_w: output size (the image encoder's image_size; 224x224 for SVD's CLIP).
 
     Returns:
         (Mh, Mw): float64 numpy arrays of shape (out_h, in_h) and (out_w, in_w). Cached; treat as read-only.
@@ -155,24 +159,28 @@ def clip_resize_matrices(in_h: int, in_w: int, out_h: int = CLIP_SIZE, out_w: in
     return mh, mw
 
 
-def clip_preprocess(images, mean=CLIP_MEAN, std=CLIP_STD) -> jnp.ndarray:
+def clip_preprocess(images, mean=CLIP_MEAN, std=CLIP_STD, size: int | tuple[int, int] = CLIP_SIZE) -> jnp.ndarray:
     """CLIP-branch preprocessing of diffusers' `_encode_image` for PIL input, channels-last.
 
-    Steps (diffusers maths): x*2-1; anti-aliased resize to 224x224 (aspect ratio squashed, not kept);
-    (x+1)/2; (x - CLIP_MEAN) / CLIP_STD. No clipping anywhere. Pure jnp for static shapes, so jit-able.
+    Steps (diffusers maths): x*2-1; anti-aliased resize to ``size`` (224x224 in diffusers; aspect ratio
+    squashed, not kept); (x+1)/2; (x - CLIP_MEAN) / CLIP_STD. No clipping anywhere. Pure jnp for static shapes,
+    so jit-able.
 
     Args:
         images: float array (N, H, W, 3) in [0, 1] (numpy or jax), e.g. ``pil_to_float(img)[None]``, the image at
             its original resolution. H, W >= 2.
         mean, std: per-channel normalisation (the feature extractor's image_mean / image_std).
+        size: the output size, an int (square) or (height, width): the image encoder's ``image_size``
+            (224, diffusers' hard-coded value, for SVD).
 
     Returns:
-        (N, 224, 224, 3) float32 CLIP pixel values (transpose to NCHW for a torch-layout encoder).
+        (N, size, size, 3) float32 CLIP pixel values (transpose to NCHW for a torch-layout encoder).
     """
     x = jnp.asarray(images, jnp.float32)
     if x.ndim != 4:
         raise ValueError(f"expected images of shape (N, H, W, C), got {x.shape}")
-    mh, mw = clip_resize_matrices(x.shape[1], x.shape[2])
+    out_h, out_w = (size, size) if np.ndim(size) == 0 else size
+    mh, mw = clip_resize_matrices(x.shape[1], x.shape[2], out_h, out_w)
     mh = jnp.asarray(mh, jnp.float32)
     mw = jnp.asarray(mw, jnp.float32)
     hi = jax.lax.Precision.HIGHEST  # TPU/GPU default matmul precision would cost ~1e-3

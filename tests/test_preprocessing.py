@@ -53,12 +53,13 @@ def clip_feature_extractor():
         return CLIPImageProcessor()  # OpenAI CLIP mean/std, as SVD's feature_extractor
 
 
-def diffusers_clip_branch(pil_images) -> np.ndarray:
-    """The maths of `_encode_image` for PIL input, step by step with diffusers' functions -> (N, 3, 224, 224)."""
+def diffusers_clip_branch(pil_images, size=(224, 224)) -> np.ndarray:
+    """The maths of `_encode_image` for PIL input, step by step with diffusers' functions -> (N, 3, 224, 224)
+    (diffusers' hard-coded size; another ``size`` in its place for a smaller image encoder)."""
     vp = VideoProcessor(do_resize=True, vae_scale_factor=8)
     x = vp.numpy_to_pt(vp.pil_to_numpy(pil_images))
     x = x * 2.0 - 1.0
-    x = _resize_with_antialiasing(x, (224, 224))
+    x = _resize_with_antialiasing(x, size)
     x = (x + 1.0) / 2.0
     out = clip_feature_extractor()(images=x, do_normalize=True, do_center_crop=False, do_resize=False,
                                    do_rescale=False, return_tensors="pt").pixel_values
@@ -130,6 +131,18 @@ def test_clip_preprocess_matches_diffusers(size):
     assert err <= 1e-5
     jitted = np.asarray(jax.jit(pp.clip_preprocess)(jnp.asarray(x)))
     assert rel_err(jitted, ours) <= 1e-6
+
+
+@pytest.mark.parametrize("size", [30, (30, 40)], ids=str)
+def test_clip_preprocess_other_size(size):
+    """``size`` (the image encoder's image_size) in place of diffusers' hard-coded 224; 224 stays the default."""
+    images = [random_pil(100, 150, seed=6)]
+    out_hw = (size, size) if isinstance(size, int) else size
+    x = np.stack([pp.pil_to_float(im) for im in images])
+    ours = np.asarray(pp.clip_preprocess(x, size=size))
+    assert ours.shape == (1, *out_hw, 3)
+    assert rel_err(ours.transpose(0, 3, 1, 2), diffusers_clip_branch(images, out_hw)) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(pp.clip_preprocess(x, size=224)), np.asarray(pp.clip_preprocess(x)))
 
 
 def test_clip_preprocess_matches_pipeline_encode_image():
