@@ -27,8 +27,10 @@ __all__ = [
     "CheckpointFiles",
     "Source",
     "add_variant",
+    "index_names",
     "index_shards",
     "looks_like_local_path",
+    "pipeline_allow_patterns",
     "resolve_checkpoint",
     "resolve_pipeline_root",
 ]
@@ -113,11 +115,22 @@ def add_variant(name: str, variant: str | None) -> str:
     return ".".join(parts[:-1] + [variant, parts[-1]])
 
 
-def _candidate_names(weights_names: Sequence[str], variant: str | None) -> list[str]:
+def index_names(base: str, variant: str | None) -> list[str]:
+    """The names of ``base``'s shard index, in order of preference: ``<base>.index.json``; with a variant, the
+    name diffusers and transformers write today (``<base>.index.<variant>.json``, e.g.
+    ``diffusion_pytorch_model.safetensors.index.fp16.json``), then the legacy one older diffusers wrote and still
+    reads (``<base>.<variant>.index.json``)."""
+    if not variant:
+        return [base + ".index.json"]
+    return [add_variant(base + ".index.json", variant), f"{base}.{variant}.index.json"]
+
+
+def _candidate_names(weights_names: Sequence[str], variant: str | None) -> list[tuple[str, bool]]:
+    """(file name, is a shard index) for each accepted weights file, in order of preference."""
     names = []
     for base in weights_names:
-        names.append(add_variant(base, variant))
-        names.append(add_variant(base + ".index.json", variant))
+        names.append((add_variant(base, variant), False))
+        names += [(name, True) for name in index_names(base, variant)]
     return names
 
 
@@ -149,7 +162,9 @@ def resolve_checkpoint(
         not used).
       subfolder: the component's folder inside it (``unet``, ``vae``, ``image_encoder``), or None.
       weights_names: accepted base file names, in order of preference; each may also be sharded
-        (``<name>.index.json``) and take the ``variant`` (``diffusion_pytorch_model.fp16.safetensors``).
+        (``<name>.index.json``) and take the ``variant`` (``diffusion_pytorch_model.fp16.safetensors``; sharded:
+        the index ``diffusion_pytorch_model.safetensors.index.fp16.json`` or the legacy
+        ``diffusion_pytorch_model.safetensors.fp16.index.json``, see :func:`index_names`).
       variant: e.g. ``"fp16"``. When given, only variant files are accepted (an absent variant is an error,
         not a silent fallback to other weights).
       revision, cache_dir, local_files_only: passed to ``huggingface_hub`` for repo ids.
@@ -191,11 +206,11 @@ def resolve_checkpoint(
             raise CheckpointError(f"{where}: has {FLAX_MANIFEST} but no {FLAX_WEIGHTS} (incomplete copy or "
                                   "conversion?); convert the original weights again with `python -m convert`")
         return CheckpointFiles(config, (weights,), where, manifest)
-    for name in candidates:
+    for name, is_index in candidates:
         p = file(name)
         if p is None:
             continue
-        if not name.endswith(".index.json"):
+        if not is_index:
             return CheckpointFiles(config, (p,), where)
         shards, missing = [], []
         for s in index_shards(p):
@@ -209,14 +224,15 @@ def resolve_checkpoint(
             raise CheckpointError(f"{p} lists shard(s) that are missing: {missing}")
         return CheckpointFiles(config, tuple(shards), where)
     what = f"variant {variant!r} " if variant else ""
+    looked = [name for name, _ in candidates]
     if folder is None:
-        raise CheckpointError(f"{where}: no {what}safetensors weights; looked for {candidates}")
+        raise CheckpointError(f"{where}: no {what}safetensors weights; looked for {looked}")
     present = sorted(x.name for x in folder.iterdir() if ".safetensors" in x.name or x.suffix == ".bin")
     hint = ". Pass variant=None to load the default weights" if variant and present else ""
     if FLAX_WEIGHTS in present:
         hint += f". {FLAX_WEIGHTS} without {FLAX_MANIFEST} is an incomplete conversion: convert again"
     raise CheckpointError(
-        f"{where}: no {what}safetensors weights; looked for {candidates}, found {present or 'none'}{hint} "
+        f"{where}: no {what}safetensors weights; looked for {looked}, found {present or 'none'}{hint} "
         f"(expected {_LAYOUTS})"
     )
 
@@ -236,10 +252,22 @@ def resolve_pipeline_root(
         return local
     from huggingface_hub import snapshot_download
 
+    return Path(snapshot_download(str(path_or_repo), allow_patterns=pipeline_allow_patterns(variant),
+                                  revision=revision, cache_dir=cache_dir, local_files_only=local_files_only))
+
+
+def pipeline_allow_patterns(variant: str | None = None) -> list[str]:
+    """The ``allow_patterns`` (fnmatch, as ``huggingface_hub.snapshot_download`` applies them) of the files a
+    pipeline reads from a hub repo: ``model_index.json``, the configs, converted folders' manifests and weights,
+    and the default or the ``variant`` safetensors with their shard indexes (every name :func:`index_names`
+    gives: ``*.safetensors.index.json``; ``*.safetensors.index.fp16.json`` and the legacy
+    ``*.safetensors.fp16.index.json``) and shards (``*-00001-of-00002.safetensors``;
+    ``*.fp16-00001-of-00002.safetensors`` and the legacy ``*-00001-of-00002.fp16.safetensors``)."""
     patterns = ["model_index.json", f"*/{CONFIG_NAME}", "scheduler/scheduler_config.json",
-                "feature_extractor/preprocessor_config.json", "*/*.safetensors.index*.json",
+                "feature_extractor/preprocessor_config.json",
                 f"*/{FLAX_MANIFEST}", f"*/{FLAX_WEIGHTS}"]  # converted folders (python -m convert)
-    patterns += [f"*/*.{variant}.safetensors", f"*/*.{variant}-*.safetensors"] if variant else \
-        [f"*/{TRANSFORMERS_WEIGHTS}", f"*/{DIFFUSERS_WEIGHTS}", "*/*-of-*.safetensors"]
-    return Path(snapshot_download(str(path_or_repo), allow_patterns=patterns, revision=revision,
-                                  cache_dir=cache_dir, local_files_only=local_files_only))
+    if variant:
+        indexes = [f"*/{name}" for name in index_names("*.safetensors", variant)]
+        return patterns + indexes + [f"*/*.{variant}.safetensors", f"*/*.{variant}-*.safetensors"]
+    return patterns + ["*/*.safetensors.index.json", f"*/{TRANSFORMERS_WEIGHTS}", f"*/{DIFFUSERS_WEIGHTS}",
+                       "*/*-of-*.safetensors"]
