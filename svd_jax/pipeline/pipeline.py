@@ -261,7 +261,8 @@ class StableVideoDiffusionPipeline:
                 **kwargs):
         """Compile the generation for one configuration ahead of the first call (arguments as :meth:`lower`) and
         keep it: calls with that configuration (same sizes, steps, CFG on/off, chunking, batch, options and
-        parameter shapes; any image, seed and micro-conditioning values) then run it without tracing again.
+        parameter shapes; any image, seed and micro-conditioning values) then run it without tracing again
+        (calls with ``progress=True`` run the stepwise programs instead, compiled on their first use).
         Returns the ``jax.stages.Compiled`` (``.memory_analysis()``, ``.cost_analysis()``)."""
         lowered, key = self._lower(images, image_size, cfg, kwargs)
         self._compiled[key] = compiled = lowered.compile()
