@@ -86,6 +86,20 @@ def make_clip(cfg: dict, seed: int = 0):
     return perturb_(model, seed)
 
 
+def make_unet_pair(cfg: dict, folder, torch_seed: int = 0, perturb_seed: int = 0):
+    """A perturbed diffusers UNet of ``cfg`` saved to ``folder`` and loaded back by svd-jax: (torch model, Flax
+    module, Flax params)."""
+    from diffusers import UNetSpatioTemporalConditionModel as TorchUNet
+
+    from svd_jax.models import UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(torch_seed)
+    model = perturb_(TorchUNet(**cfg), seed=perturb_seed)
+    model.save_pretrained(folder)
+    module, params = UNetSpatioTemporalConditionModel.from_pretrained(folder)
+    return model, module, params
+
+
 @pytest.fixture(scope="session")
 def tiny_vaes(tmp_path_factory):
     """{name: (torch model, saved folder)} for every VAE_CONFIGS entry."""

@@ -7,24 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from svd_jax.models import UNetSpatioTemporalConditionModel
 from svd_jax.training import denoising_loss
 from svd_jax.weights import params_to_torch_state
-from conftest import TINY_PIPE_UNET, perturb_, rel_err
+from conftest import TINY_PIPE_UNET, make_unet_pair, rel_err
 
 B, F, H, W = 2, 3, 4, 6
 
 
 @pytest.fixture(scope="module")
 def unets(tmp_path_factory):
-    from diffusers import UNetSpatioTemporalConditionModel as TorchUNet
-
-    torch.manual_seed(0)
-    model = perturb_(TorchUNet(**TINY_PIPE_UNET), seed=7)
-    folder = tmp_path_factory.mktemp("unet")
-    model.save_pretrained(folder)
-    module, params = UNetSpatioTemporalConditionModel.from_pretrained(folder)
-    return model, module, params
+    return make_unet_pair(TINY_PIPE_UNET, tmp_path_factory.mktemp("unet"), perturb_seed=7)
 
 
 def _batch(seed, d):

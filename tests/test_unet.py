@@ -12,7 +12,7 @@ from svd_jax.configs import SVD_XT_UNET  # {}: the diffusers constructor default
 from svd_jax.models import UNetSpatioTemporalConditionModel
 from svd_jax.models.layers import Attention
 from svd_jax.weights import flatten_shapes, load_params, plan_conversion
-from conftest import fast_compile_options, perturb_, reference_keys, rel_err
+from conftest import fast_compile_options, make_unet_pair, reference_keys, rel_err
 
 TOL = 1e-4
 
@@ -29,14 +29,8 @@ TINY = dict(in_channels=8, out_channels=4, block_out_channels=(32, 64, 64),
 
 @pytest.fixture(scope="module")
 def tiny_unet(tmp_path_factory):
-    from diffusers import UNetSpatioTemporalConditionModel as TorchUNet
-
-    torch.manual_seed(0)
-    model = perturb_(TorchUNet(**TINY), seed=0)
     folder = tmp_path_factory.mktemp("unet")
-    model.save_pretrained(folder)
-    module, params = UNetSpatioTemporalConditionModel.from_pretrained(folder)
-    return model, module, params, folder
+    return (*make_unet_pair(TINY, folder), folder)
 
 
 def _torch_unet(model, x, t, ehs, ids):
