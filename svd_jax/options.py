@@ -15,6 +15,11 @@ import dataclasses
 from collections.abc import Callable
 
 ATTENTION_BACKENDS = ("auto", "xla", "blockwise", "cudnn", "pallas")
+# Rematerialisation (jax.checkpoint) of the UNet for training: what the backward pass recomputes instead of keeping.
+#   none: keep every activation; blocks: keep only each down/mid/up block's inputs, recompute the block;
+#   transformers: keep everything but the transformer blocks' insides (attention and feed-forward activations, the
+#   largest at the high-resolution levels), which are recomputed.
+REMAT_POLICIES = ("none", "blocks", "transformers")
 MiB = 2**20
 
 
@@ -45,6 +50,7 @@ class ModelOptions:
         sharding constraint), or None.
       conv_kernel_hook: ``kernel -> kernel``, applied to every convolution kernel before use (the partitioner
         pins kernels replicated), or None.
+      remat: what the UNet's backward pass recomputes (``REMAT_POLICIES``); forward results are identical.
       platform: the backend the program is built for (``"cpu"``, ``"gpu"``, ``"tpu"``); None: jax's default
         backend at trace time. Decides the backend-specific paths (cuDNN, Pallas, the XLA:CPU workarounds of
         svd_jax/models/xla_ops.py).
@@ -58,6 +64,7 @@ class ModelOptions:
     partitioned: bool = False
     constrain: Callable | None = None
     conv_kernel_hook: Callable | None = None
+    remat: str = "none"
     platform: str | None = None
 
     def __post_init__(self):
@@ -66,6 +73,8 @@ class ModelOptions:
         for name in ("attention_q_block", "attention_k_block", "attention_auto_bytes"):
             check_byte_budget(name, getattr(self, name), allow_none=False)
         check_byte_budget("forward_chunk_bytes: the forward chunk budget", self.forward_chunk_bytes)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}; got {self.remat!r}")
         if self.platform not in (None, "cpu", "gpu", "tpu"):
             raise ValueError(f"platform must be None, 'cpu', 'gpu' or 'tpu'; got {self.platform!r}")
 

@@ -130,10 +130,13 @@ class TransformerSpatioTemporalModel(nn.Module):
         emb = TimestepEmbedding(4 * c, c, dt, pt, name="time_pos_embed")(timestep_embedding(frame_ids, c).astype(dt))
         emb = emb[:, None, :]
         mixer = AlphaBlender(0.5, "learned_with_images", dtype=dt, param_dtype=pt, name="time_mixer")
+        spatial, temporal = BasicTransformerBlock, TemporalBasicTransformerBlock
+        if o.remat == "transformers":  # recomputed in the backward pass (the same parameter tree)
+            spatial, temporal = nn.remat(spatial), nn.remat(temporal)
         for i in range(self.num_layers):
-            h = BasicTransformerBlock(self.heads, self.dim_head, self.chunk_size, self.chunk_dim, dt, pt, o,
+            h = spatial(self.heads, self.dim_head, self.chunk_size, self.chunk_dim, dt, pt, o,
                                       name=f"transformer_blocks_{i}")(h, ehs)
-            hm = TemporalBasicTransformerBlock(self.heads, self.dim_head, f, self.chunk_size, dt, pt, o,
+            hm = temporal(self.heads, self.dim_head, f, self.chunk_size, dt, pt, o,
                                                name=f"temporal_transformer_blocks_{i}")(h + emb, time_context)
             h = mixer(h, hm, image_only_indicator)
         h = dense(c, "proj_out", dt, pt)(h)
@@ -163,6 +166,7 @@ class _Block(nn.Module):
 
     @nn.compact
     def __call__(self, h, temb, ehs, ind, skips=None, upsample_size=None):
+        """upsample_size: (h, w) of the up-sampler's output, or None (twice the input); static under remat."""
         dt, pt, o, c = self.dtype, self.param_dtype, self.options, self.out_channels
         cross = self.kind.startswith("CrossAttn") or self.kind == "mid"
         outputs = []
@@ -313,18 +317,21 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
         ind = jnp.zeros((b, f), dt)
 
         c = o.constrain_activations
+        # remat="blocks": each block keeps only its inputs for the backward pass (argument 6, the up-sampler's
+        # size, is static: it is a shape).
+        block = nn.remat(_Block, static_argnums=(6,)) if o.remat == "blocks" else _Block
         x = c(conv(ch0, (3, 3), "conv_in", dt, pt, o)(x))
         skips = [x]
         opts = dict(chunk_size=self.forward_chunk_size, chunk_dim=self.forward_chunk_dim, dtype=dt, param_dtype=pt,
                     options=o)
         for i, kind in enumerate(self.down_block_types):
             eps = 1e-6 if kind.startswith("CrossAttn") else 1e-5  # diffusers ignores the resnet_eps it passes
-            x, outs = _Block(kind, self.block_out_channels[i], layers[i], _per_layer(tlayers[i], layers[i]), heads[i],
-                             eps, i < n - 1, **opts, name=f"down_blocks_{i}")(x, emb, ehs, ind)
+            x, outs = block(kind, self.block_out_channels[i], layers[i], _per_layer(tlayers[i], layers[i]), heads[i],
+                            eps, i < n - 1, **opts, name=f"down_blocks_{i}")(x, emb, ehs, ind, None, None)
             x = c(x)
             skips += [c(o) for o in outs]
-        x = _Block("mid", self.block_out_channels[-1], 1, _per_layer(tlayers[-1], 1), heads[-1], 1e-5, False,
-                   **opts, name="mid_block")(x, emb, ehs, ind)
+        x = block("mid", self.block_out_channels[-1], 1, _per_layer(tlayers[-1], 1), heads[-1], 1e-5, False,
+                  **opts, name="mid_block")(x, emb, ehs, ind, None, None)
         x = c(x)
 
         # Up-samplers get the skip's size when the latent is not divisible by 2^(levels-1) (odd sizes).
@@ -337,8 +344,8 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
             block_skips = skips[-nl:]
             skips = skips[:-nl]
             size = skips[-1].shape[1:3] if (forward_size and i < n - 1) else None
-            x = _Block(kind, r_ch[i], nl, _per_layer(r_tl[i], nl), r_heads[i], 1e-6, i < n - 1, **opts,
-                       name=f"up_blocks_{i}")(x, emb, ehs, ind, skips=block_skips, upsample_size=size)
+            x = block(kind, r_ch[i], nl, _per_layer(r_tl[i], nl), r_heads[i], 1e-6, i < n - 1, **opts,
+                      name=f"up_blocks_{i}")(x, emb, ehs, ind, block_skips, size)
             x = c(x)
 
         x = nn.silu(GroupNorm(32, 1e-5, dt, pt, name="conv_norm_out")(x))
