@@ -30,6 +30,7 @@ Design:
   terminal from killing the decoders under a trainer that handles it.
 * Probing counts frames the way decoding does: both decode the first video stream with ``-fps_mode passthrough``
   (no frames duplicated or dropped to a constant rate), so a probed count is a count that decoding can reach.
+  ``-fps_mode`` needs ffmpeg 5.1 or newer, which imageio-ffmpeg bundles.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ def _split_ppms(data: bytes) -> list[np.ndarray]:
     while pos < len(data):
         header = []
         for _ in range(3):
-            end = data.index(b"\n", pos)
+            end = data.find(b"\n", pos)
+            if end < 0:
+                raise OSError("ffmpeg's output ended inside a frame header")
             header.append(data[pos:end])
             pos = end + 1
         if header[0] != b"P6" or header[2] != b"255":
@@ -286,8 +289,8 @@ class VideoClipDataset:
             raise DataError(f"vae_factor must be a positive integer; got {vae_factor!r}")
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % vae_factor:
-                near = max(1, round(v / vae_factor)) * vae_factor if isinstance(v, (int, float)) and math.isfinite(v) \
-                    else 64 * vae_factor
+                finite = isinstance(v, (int, float)) and math.isfinite(v)
+                near = max(1, round(v / vae_factor)) * vae_factor if finite else 64 * vae_factor
                 raise DataError(f"{name} must be a positive multiple of {vae_factor} (the VAE's downsampling "
                                 f"factor), e.g. {near}; got {v!r}")
         if not isinstance(num_frames, int) or num_frames < 1:
