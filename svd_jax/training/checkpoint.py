@@ -206,7 +206,7 @@ class TrainCheckpointer:
         if step in steps:
             if not force:
                 return False
-            self._manager.delete(step)
+            self.delete(step)  # waits for a save of it still in progress
         elif steps and step < steps[-1]:
             raise CheckpointError(
                 f"cannot save step {step} in {self.directory}: newer steps {[s for s in steps if s > step]} are "
