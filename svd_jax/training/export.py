@@ -311,7 +311,8 @@ def export_pipeline(base_model: str | os.PathLike, unet, unet_params: Any, outpu
       revision, cache_dir, local_files_only: for a hub repo id (``huggingface_hub``).
       variant: which weights of a hub repo's components to fetch (``"fp16"``: only ``*.fp16.safetensors``). The
         UNet is then also linked under that variant's name (``diffusion_pytorch_model.fp16.safetensors``, the
-        same file), so the export loads with ``variant=variant`` as the base did, and without it.
+        same file), so the export loads with ``variant=variant`` as the base did, and without a variant where
+        the copied components have their default weights too (a hub download with a variant has only those).
 
     Returns:
       ``output_dir`` as a Path.
