@@ -228,3 +228,17 @@ def fast_xla_flags():
     fast = [f for f in FAST_COMPILE_FLAGS if accepted([f])]
     return lambda devices=None: " ".join(
         ([] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]) + fast)
+
+
+def torch_edm_loss(model, x0, image_latents, image_embeds, added_time_ids, sigma, noise):
+    """The fine-tuning objective as the training spec writes it, on diffusers' UNet (numpy channels-last inputs,
+    as svd_jax.training.denoising_loss takes them): a torch scalar with autograd."""
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float32))
+    s = t(sigma)[:, None, None, None, None]
+    x0_t = t(x0).permute(0, 1, 4, 2, 3)
+    x = x0_t + s * t(noise).permute(0, 1, 4, 2, 3)
+    c_in, c_skip, c_out = 1 / torch.sqrt(s**2 + 1), 1 / (s**2 + 1), -s / torch.sqrt(s**2 + 1)
+    z = t(image_latents).permute(0, 3, 1, 2)[:, None].expand(-1, x.shape[1], -1, -1, -1)
+    v = model(torch.cat([c_in * x, z], dim=2), 0.25 * torch.log(t(sigma)), t(image_embeds), t(added_time_ids)).sample
+    w = (s**2 + 1) / s**2
+    return torch.mean(w * (c_skip * x + c_out * v - x0_t) ** 2)

@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from svd_jax.training import denoising_loss
 from svd_jax.weights import params_to_torch_state
-from conftest import TINY_PIPE_UNET, make_unet_pair, rel_err
+from conftest import TINY_PIPE_UNET, make_unet_pair, rel_err, torch_edm_loss
 
 B, F, H, W = 2, 3, 4, 6
 
@@ -29,24 +28,11 @@ def _batch(seed, d):
                 noise=rng.normal(size=(B, F, H, W, 4)).astype(np.float32))
 
 
-def _torch_loss(model, x0, image_latents, image_embeds, added_time_ids, sigma, noise):
-    """The objective as written in the training spec, on diffusers' UNet (channels-first)."""
-    t = lambda a: torch.from_numpy(a)
-    s = t(sigma)[:, None, None, None, None]
-    x0_t = t(x0).permute(0, 1, 4, 2, 3)
-    x = x0_t + s * t(noise).permute(0, 1, 4, 2, 3)
-    c_in, c_skip, c_out = 1 / torch.sqrt(s**2 + 1), 1 / (s**2 + 1), -s / torch.sqrt(s**2 + 1)
-    z = t(image_latents).permute(0, 3, 1, 2)[:, None].expand(-1, F, -1, -1, -1)
-    v = model(torch.cat([c_in * x, z], dim=2), 0.25 * torch.log(t(sigma)), t(image_embeds), t(added_time_ids)).sample
-    w = (s**2 + 1) / s**2
-    return torch.mean(w * (c_skip * x + c_out * v - x0_t) ** 2)
-
-
 def test_loss_and_gradients_equal_torch(unets):
     model, module, params = unets
     batch = _batch(0, TINY_PIPE_UNET["cross_attention_dim"])
     model.zero_grad()
-    ref = _torch_loss(model, **batch)
+    ref = torch_edm_loss(model, **batch)
     ref.backward()
     ref_grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
 

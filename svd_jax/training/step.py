@@ -143,7 +143,7 @@ class TrainStep:
 
     def __init__(self, unet, vae, image_encoder, config: TrainConfig, partitioner: Partitioner | None = None,
                  clip_mean=CLIP_MEAN, clip_std=CLIP_STD):
-        config.check(getattr(vae, "downscale", 8))
+        config.check(getattr(vae, "downscale", 8))  # vae / image_encoder may be None for pre-encoded batches
         self.config, self.partitioner = config, partitioner
         platform = None if partitioner is None else partitioner.mesh.devices.flat[0].platform
         self.dtype = compute_dtype(config, platform)
@@ -152,8 +152,8 @@ class TrainStep:
             options = partitioner.model_options(options)
         self.unet = unet.clone(dtype=self.dtype, options=options)
         enc_options = options.replace(remat="none")
-        self.vae = stages.with_options(vae, enc_options)
-        self.image_encoder = stages.with_options(image_encoder, enc_options)
+        self.vae = None if vae is None else stages.with_options(vae, enc_options)
+        self.image_encoder = None if image_encoder is None else stages.with_options(image_encoder, enc_options)
         self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
         self.tx = make_optimizer(config)
         self.schedule = learning_rate_schedule(config)
@@ -218,7 +218,7 @@ class TrainStep:
     def check_batch(self, batch: Mapping[str, Any]) -> None:
         """Raise ValueError unless ``batch`` has the config's clip shape (one of the two batch forms)."""
         c = self.config
-        f = self.vae.downscale if hasattr(self.vae, "downscale") else 8
+        f = getattr(self.vae, "downscale", 8)
         b = np.shape(batch.get("fps", ()))[:1]
         want = {"fps": b, "motion_bucket_id": b}
         if "latents" in batch:
@@ -285,22 +285,27 @@ class TrainStep:
         unet_params = unflatten_params({**frozen, **params})
         return denoising_loss(self.unet, unet_params, **cond)
 
-    def _step(self, state: TrainState, batch, encoder_params):
-        key = jax.random.fold_in(state.rng, state.step)
-        cond, _ = self.conditioning(key, batch, encoder_params)
-        loss, grads = jax.value_and_grad(self.loss)(state.params, state.frozen, cond)
+    def update(self, state: TrainState, grads) -> TrainState:
+        """Apply one micro-batch's gradients (flat, like ``state.params``): the optimizer (clipping, accumulation),
+        the EMA (on the micro-steps that update), the step counter."""
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
         if ema is not None:
-            updated = (optax.MultiSteps.has_updated(opt_state) if self.config.grad_accum_steps > 1
+            updated = (self.tx.has_updated(opt_state) if self.config.grad_accum_steps > 1
                        else jnp.bool_(True))
-            d = jnp.where(updated, self.config.ema_decay, 1.0)
+            d = jnp.where(updated, jnp.float32(self.config.ema_decay), jnp.float32(1.0))
             ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+        return TrainState(state.step + 1, params, state.frozen, opt_state, ema, state.rng)
+
+    def _step(self, state: TrainState, batch, encoder_params):
+        key = jax.random.fold_in(state.rng, state.step)
+        cond, _ = self.conditioning(key, batch, encoder_params)
+        loss, grads = jax.value_and_grad(self.loss)(state.params, state.frozen, cond)
         # the update this micro-step contributes to (MultiSteps applies it on the last of its k micro-steps)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                    "learning_rate": self.schedule(state.step // self.config.grad_accum_steps)}
-        return TrainState(state.step + 1, params, state.frozen, opt_state, ema, state.rng), metrics
+        return self.update(state, grads), metrics
 
     def jitted(self, state: TrainState, batch, encoder_params):
         """The jitted step for these arguments' layout (one per batch form), donating the state."""
