@@ -3,6 +3,8 @@
     svd-jax generate --image photo.png --output video.mp4 [--model REPO_OR_DIR --steps 25 --seed 0 ...]
     svd-jax make-tiny DIR        # a tiny random checkpoint in the hub layout, for offline smoke runs
     svd-jax convert SRC DST [--variant fp16 --dtype bfloat16]   # to the Flax layout, which loads faster and leaner
+    svd-jax train --model REPO_OR_DIR --data VIDEOS_OR_JSONL --output DIR --num-frames 14 --height 320 --width 576
+                  --max-steps 1000 [--trainable temporal --save-every 500 --resume ...]   # fine-tune the UNet
 
 Failures end in one ``svd-jax <command>: error: ...`` line naming the flag (exit status 2 for bad arguments, 1 for
 a failure while running, 130 when interrupted); ``--debug`` (or ``SVD_JAX_DEBUG=1``) shows the traceback instead.
@@ -82,7 +84,51 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a diffusers checkpoint to the Flax layout (see svd_jax/convert.py)",
                        formatter_class=_formatter)
     add_convert_arguments(c)
+    add_train_arguments(sub.add_parser("train", help="fine-tune the UNet on video files (svd_jax/training/)",
+                                       formatter_class=_formatter))
     return p
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``svd-jax train`` (defaults: svd_jax.training.TrainConfig's)."""
+    p.add_argument("--model", default=os.environ.get("SVD_JAX_MODEL", DEFAULT_MODEL),
+                   help="base pipeline: hub repo id or local diffusers-layout folder")
+    p.add_argument("--variant", default="none", help='weights variant to read: "fp16" or "none"')
+    p.add_argument("--data", required=True, help="folder of videos (recursive) or a .jsonl manifest "
+                                                 '({"path": ..., "fps": ..., "motion_bucket_id": ...} per line)')
+    p.add_argument("--output", required=True, help="run folder: metrics.jsonl, checkpoints/, the exported pipeline")
+    p.add_argument("--num-frames", type=int, default=14, help="frames per clip")
+    p.add_argument("--height", type=int, default=320, help="clip height, a multiple of 8")
+    p.add_argument("--width", type=int, default=576, help="clip width, a multiple of 8")
+    p.add_argument("--frame-stride", type=int, default=1, help="take every n-th frame of a video")
+    p.add_argument("--max-steps", type=int, default=1000, help="train steps (micro-batches) to reach")
+    p.add_argument("--batch-size", type=int, default=1, help="clips per step, over all devices and hosts")
+    p.add_argument("--learning-rate", type=float, default=1e-5, help="peak learning rate")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optax optimizer")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="decoupled weight decay")
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="after the warmup")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in optimizer updates")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm clipping (<= 0: off)")
+    p.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches averaged per update")
+    p.add_argument("--ema-decay", type=float, default=None, help="keep (and export) an EMA of the weights")
+    p.add_argument("--trainable", default="full", choices=["full", "temporal"],
+                   help="what trains: the whole UNet or its temporal layers")
+    p.add_argument("--remat", default="none", choices=["none", "blocks", "transformers"],
+                   help="what the backward pass recomputes to save memory")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="compute dtype (auto: bfloat16 on TPU/GPU, float32 on CPU); weights stay float32")
+    p.add_argument("--seed", type=int, default=0, help="fixes data order, clips and noise")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every n steps (and at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.add_argument("--mesh", default=None, metavar="DATAxSPACE",
+                   help="train on a device mesh, e.g. 8x1 (clips over data) or 4x2; default: all devices as "
+                        "data when there are several, with FSDP")
+    p.add_argument("--sample-image", default=None, help="make a sample video from this image")
+    p.add_argument("--sample-every", type=int, default=None, help="... every n steps (and at the end)")
+    p.add_argument("--no-export", action="store_true", help="do not write the pipeline folder at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help=f"show tracebacks (also ${DEBUG_ENV}=1)")
 
 
 def _warn(msg: str) -> None:
@@ -193,7 +239,75 @@ def _convert(args) -> int:
     return run(args)
 
 
-COMMANDS = {"generate": _generate, "make-tiny": _make_tiny, "convert": _convert}
+def check_train_args(args):
+    """-> the TrainConfig of ``svd-jax train``'s arguments; UsageError naming the flag for one that cannot work.
+    Imports no jax."""
+    from .training.config import TrainConfig, TrainConfigError
+
+    for flag in ("num_frames", "max_steps", "batch_size", "grad_accum_steps", "frame_stride", "keep_checkpoints"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
+    for flag in ("save_every", "sample_every"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
+    if args.sample_every is not None and args.sample_image is None:
+        raise UsageError("--sample-every needs --sample-image")
+    if args.sample_image is not None and not os.path.isfile(args.sample_image):
+        raise UsageError(f"--sample-image {args.sample_image}: no such file")
+    if not os.path.exists(args.data):
+        raise UsageError(f"--data {args.data}: no such folder or manifest")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UsageError(f"--output {args.output} is a file; pass a folder")
+    if args.mesh is not None:
+        try:
+            data, space = (int(x) for x in args.mesh.lower().split("x"))
+            assert data >= 1 and space >= 1
+        except (ValueError, AssertionError):
+            raise UsageError(f"--mesh must be DATAxSPACE with positive sizes, e.g. 8x1; got {args.mesh!r}") from None
+    fields = dict(num_frames=args.num_frames, height=args.height, width=args.width, batch_size=args.batch_size,
+                  max_steps=args.max_steps, learning_rate=args.learning_rate, optimizer=args.optimizer,
+                  weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                  max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+                  grad_accum_steps=args.grad_accum_steps, ema_decay=args.ema_decay, trainable=args.trainable,
+                  remat=args.remat, dtype=args.dtype, seed=args.seed)
+    try:
+        return TrainConfig(**fields)
+    except TrainConfigError as e:  # name the flag, not the field
+        msg = str(e)
+        for name in fields:
+            msg = msg.replace(name, "--" + name.replace("_", "-"), 1) if msg.startswith(name) else msg
+        raise UsageError(msg) from None
+
+
+def _train(args) -> int:
+    config = check_train_args(args)
+    import jax
+
+    from .training.trainer import train
+
+    mesh = None
+    if args.mesh is not None or len(jax.devices()) > 1:
+        from .sharding import make_mesh
+
+        data, space = (int(x) for x in args.mesh.lower().split("x")) if args.mesh else (len(jax.devices()), 1)
+        mesh = make_mesh(data=data, space=space)
+    if config.batch_size % (mesh.shape["data"] if mesh is not None else 1):
+        raise UsageError(f"--batch-size {config.batch_size} must be a multiple of the mesh's data axis "
+                         f"({mesh.shape['data']})")
+    result = train(args.model, args.data, args.output, config, save_every=args.save_every,
+                   keep_checkpoints=args.keep_checkpoints, resume=args.resume, frame_stride=args.frame_stride,
+                   mesh=mesh, variant=None if args.variant == "none" else args.variant,
+                   sample_every=args.sample_every, sample_image=args.sample_image, export=not args.no_export,
+                   progress=not args.quiet)
+    for path, reason in result.skipped:
+        print(f"svd-jax train: skipped {path}: {reason}", file=sys.stderr)
+    done = f"step {result.step}" + (f", loss {result.metrics['loss']:.4f}" if result.metrics else "")
+    where = f"; exported the pipeline to {result.exported}" if result.exported else ""
+    print(f"svd-jax train: {done}{where}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"generate": _generate, "make-tiny": _make_tiny, "convert": _convert, "train": _train}
 
 
 def _one_line(e: BaseException) -> str:
