@@ -122,8 +122,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.add_argument("--mesh", default=None, metavar="DATAxSPACE",
-                   help="train on a device mesh, e.g. 8x1 (clips over data) or 4x2; default: all devices as "
-                        "data when there are several, with FSDP")
+                   help="train on a device mesh, e.g. 8x1 (clips over data) or 4x2 (each clip's height over 2); "
+                        "default with several devices: clips over gcd(batch size, devices) of them, each clip's "
+                        "height over the rest; weights FSDP-split over all")
     p.add_argument("--sample-image", default=None, help="make a sample video from this image")
     p.add_argument("--sample-every", type=int, default=None, help="... every n steps (and at the end)")
     p.add_argument("--no-export", action="store_true", help="do not write the pipeline folder at the end")
@@ -286,14 +287,20 @@ def _train(args) -> int:
     from .training.trainer import train
 
     mesh = None
-    if args.mesh is not None or len(jax.devices()) > 1:
+    n = len(jax.devices())
+    if args.mesh is not None or n > 1:
         from .sharding import make_mesh
 
-        data, space = (int(x) for x in args.mesh.lower().split("x")) if args.mesh else (len(jax.devices()), 1)
+        if args.mesh:
+            data, space = (int(x) for x in args.mesh.lower().split("x"))
+        else:  # clips over as many devices as the batch allows, each clip's height over the rest
+            data = math.gcd(config.batch_size, n)
+            space = n // data
+        if data * space != n:
+            raise UsageError(f"--mesh {args.mesh}: {data} x {space} devices, but there are {n}")
+        if config.batch_size % data:
+            raise UsageError(f"--batch-size {config.batch_size} must be a multiple of the mesh's data axis ({data})")
         mesh = make_mesh(data=data, space=space)
-    if config.batch_size % (mesh.shape["data"] if mesh is not None else 1):
-        raise UsageError(f"--batch-size {config.batch_size} must be a multiple of the mesh's data axis "
-                         f"({mesh.shape['data']})")
     result = train(args.model, args.data, args.output, config, save_every=args.save_every,
                    keep_checkpoints=args.keep_checkpoints, resume=args.resume, frame_stride=args.frame_stride,
                    mesh=mesh, variant=None if args.variant == "none" else args.variant,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+from test_training_data import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -31,6 +32,14 @@ SUBS = [
     (r"\b576\b", "64"),
     (r"\b1024\b", "96"),
     (r"num_inference_steps=25\b", "num_inference_steps=2"),
+    # fine-tuning: tiny clips (the workdir's clips/ folder) and two steps
+    (r"\b320\b", "32"),
+    (r"--num-frames 14\b", "--num-frames 3"),
+    (r"num_frames=14\b", "num_frames=3"),
+    (r"--max-steps 1000\b", "--max-steps 2"),
+    (r"max_steps=1000\b", "max_steps=2"),
+    (r"--save-every 500\b", "--save-every 1"),
+    (r"warmup_steps=100\b", "warmup_steps=1"),
 ]
 SMALL_CLI = " --height 64 --width 96 --steps 2"
 
@@ -73,6 +82,8 @@ def workdir(tmp_path_factory):
     tiny = make_tiny_checkpoint(work / "tiny")
     rng = np.random.default_rng(0)
     PIL.Image.fromarray((rng.random((300, 400, 3)) * 255).astype(np.uint8)).save(work / "photo.png")
+    for v in range(2):  # the fine-tuning examples' clips/
+        write_video(work / "clips" / f"clip{v}.mp4", (rng.random((6, 40, 72, 3)) * 255).astype(np.uint8))
     return work, tiny
 
 
