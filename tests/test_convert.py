@@ -122,6 +122,7 @@ def test_pipeline_frames_identical(tiny_pipeline, converted):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sharded_load_two_processes(tiny_pipeline, converted, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed), an FSDP mesh over all 8: every device holds only its own
     slice (make_array_from_callback), equal to the one-device diffusers load, as stored (fp32) and cast (bf16);

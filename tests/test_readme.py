@@ -114,6 +114,7 @@ def lines_before(line: int) -> str:
     return README.read_text().splitlines()[line - 3]
 
 
+@pytest.mark.slow
 def test_readme_code_blocks_run(workdir, fast_xla_flags):
     work, tiny = workdir
     used: set = set()

@@ -35,6 +35,7 @@ def sharded(tiny_pipeline, env):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh,case,videos", [("1x8", "single", 1), ("2x4", "batch4", 4), ("2x4", "single", 1)])
 def test_sharded_equals_single_device(sharded, mesh, case, videos):
     """One video (CFG) on both mesh shapes and 2 images x 2 videos on 2x4: the frames equal the one-device run."""
@@ -44,6 +45,7 @@ def test_sharded_equals_single_device(sharded, mesh, case, videos):
     assert r["params_on_devices"] == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh,axes", [("1x8", ["'space'"]), ("2x4", ["'data'", "'space'"])])
 def test_latents_stay_spread(sharded, mesh, axes):
     """output_type="latent" returns the latents spread over all 8 devices (not gathered, not replicated)."""
@@ -52,11 +54,13 @@ def test_latents_stay_spread(sharded, mesh, axes):
     assert all(a in r["latent_spec"] for a in axes), r["latent_spec"]  # videos over data, rows over space
 
 
+@pytest.mark.slow
 def test_sharded_without_cfg(sharded):
     """One video without CFG (a UNet batch of 1) on 1x8: every device works on rows of the same frames."""
     assert sharded["1x8"]["single_nocfg_max_abs_diff"] <= 1e-3
 
 
+@pytest.mark.slow
 def test_uneven_batch_is_padded_and_cropped(sharded):
     """3 videos without CFG on a data axis of 2: padded to 4 inside, cropped back, equal to the one-device run."""
     r = sharded["2x4"]
@@ -113,6 +117,7 @@ def test_make_mesh_and_rules():
         assert Partitioner(make_mesh(data=1, space=n)).fit(spec, (3, n + 1)) == jax.sharding.PartitionSpec("data", None)
 
 
+@pytest.mark.slow
 def test_multihost_two_processes(tiny_pipeline, tmp_path, env):
     """2 processes x 4 CPU devices after jax.distributed.initialize (gloo collectives): every process gets the
     full frames, equal to the one-device run."""

@@ -200,6 +200,7 @@ def _script(*args, timeout=300):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_restore_onto_other_mesh(tmp_path):
     """Saved FSDP-split over 8 devices (subprocess), restored onto a 2-device mesh with other layouts
     (subprocess) and onto this process's one device: bit-identical values, on the requested shardings."""
@@ -230,6 +231,7 @@ def test_restore_onto_other_mesh(tmp_path):
         assert a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes(), jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow
 def test_two_processes(tmp_path):
     """jax.distributed with 2 processes x 2 CPU devices: both call save and restore; each holds only its shards
     of the global arrays; keep=1 leaves the newest step; the restore onto another layout is exact."""
