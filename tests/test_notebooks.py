@@ -22,7 +22,7 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ("01_quickstart", "02_sharded_generation", "03_memory_and_speed")
+NAMES = ("01_quickstart", "02_sharded_generation", "03_memory_and_speed", "04_finetune")
 KERNEL = "svd-jax-test-python"
 DEVICES = 4
 CELL_TIMEOUT_S = 600
@@ -120,7 +120,40 @@ def _check_03(nb):
     assert len(re.findall(r"\|\s+\d+\.\d+ \(in memory\s*\) \|", text)) >= 4, "a call after pipe.compile compiled"
 
 
-CHECKS = {"01_quickstart": _check_01, "02_sharded_generation": _check_02, "03_memory_and_speed": _check_03}
+def _check_04(nb):
+    import base64
+    import io
+
+    import PIL.Image
+
+    text = _outputs(nb, "stream")
+    clips = re.findall(r"^ball_(\d)\.mp4: 12 frames, fps 7, motion_bucket_id (\d+)$", text, re.MULTILINE)
+    assert clips == [("0", "60"), ("1", "100"), ("2", "150"), ("3", "200")], "the manifest's clips and labels"
+    assert "4 usable videos, 0 skipped" in text
+    assert "os.fork()" not in text, "something forked the kernel (imageio_ffmpeg.write_frames does)"
+    assert "checkpoints/: ['8', '16', '24']" in text, "the first run did not checkpoint every 8 steps"
+    assert "resumed: ran steps 25..32" in text, "the resumed run did not continue from step 24"
+    assert "checkpoints/: ['16', '24', '32']" in text, "not the newest 3 checkpoints kept"
+    exported = re.search(r"^exported: \S+ \[(.*)\]$", text, re.MULTILINE)
+    assert exported, "no export"
+    for entry in ("'model_index.json'", "'unet'", "'vae'", "'image_encoder'", "'metrics.jsonl'", "'checkpoints'"):
+        assert entry in exported.group(1), f"{entry} missing from the run folder"
+    steps = [int(s) for s in re.findall(r"^\s*(\d+) \|\s+\d+\.\d{4} \|", text, re.MULTILINE)]
+    assert steps == [*range(1, 32, 4), 32], "metrics.jsonl does not hold steps 1..32 once each"
+    windows = [float(v) for v in re.findall(r"steps \d+-\d+: (\d+\.\d+)", text)]
+    assert len(windows) == 4 and windows[0] > max(windows[1:]), f"the loss did not fall from its first steps: {windows}"
+    change = re.search(r"mean abs difference after vs before: (\d+\.\d+)", text)
+    assert change and float(change.group(1)) > 0.01, "the fine-tuned pipeline made the same video"
+    html = _outputs(nb, "text/html")
+    assert html.count("data:image/gif;base64,") == 7, "4 training clips, then before / after / a clip"
+    assert "<br>before</td>" in html and "<br>after 32 steps</td>" in html
+    pngs = [PIL.Image.open(io.BytesIO(base64.b64decode(out["data"]["image/png"]))).size
+            for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+    assert (640, 300) in pngs and len(pngs) == 2, f"the input image and the loss plot: {pngs}"
+
+
+CHECKS = {"01_quickstart": _check_01, "02_sharded_generation": _check_02, "03_memory_and_speed": _check_03,
+          "04_finetune": _check_04}
 
 
 @pytest.mark.parametrize("name", NAMES)
