@@ -122,11 +122,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.add_argument("--mesh", default=None, metavar="DATAxSPACE",
-                   help="train on a device mesh, e.g. 8x1 (clips over data) or 4x2 (each clip's height over 2); "
+                   help="train on a device mesh, e.g. 8x1 (clips over data) or 4x2 (each clip's height over 2), or 1x1 "
+                        "(one device); "
                         "default with several devices: clips over gcd(batch size, devices) of them, each clip's "
                         "height over the rest; weights FSDP-split over all")
     p.add_argument("--sample-image", default=None, help="make a sample video from this image")
     p.add_argument("--sample-every", type=int, default=None, help="... every n steps (and at the end)")
+    p.add_argument("--cache-latents", action="store_true",
+                   help="encode one clip per video once, then train the UNet on those latents")
     p.add_argument("--no-export", action="store_true", help="do not write the pipeline folder at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help=f"show tracebacks (also ${DEBUG_ENV}=1)")
@@ -296,15 +299,16 @@ def _train(args) -> int:
         else:  # clips over as many devices as the batch allows, each clip's height over the rest
             data = math.gcd(config.batch_size, n)
             space = n // data
-        if data * space != n:
-            raise UsageError(f"--mesh {args.mesh}: {data} x {space} devices, but there are {n}")
+        if data * space not in (1, n):
+            raise UsageError(f"--mesh {args.mesh}: {data} x {space} devices, but there are {n} (1x1: one device)")
         if config.batch_size % data:
             raise UsageError(f"--batch-size {config.batch_size} must be a multiple of the mesh's data axis ({data})")
-        mesh = make_mesh(data=data, space=space)
+        mesh = make_mesh(data=data, space=space) if data * space > 1 else None
     result = train(args.model, args.data, args.output, config, save_every=args.save_every,
                    keep_checkpoints=args.keep_checkpoints, resume=args.resume, frame_stride=args.frame_stride,
                    mesh=mesh, variant=None if args.variant == "none" else args.variant,
                    sample_every=args.sample_every, sample_image=args.sample_image, export=not args.no_export,
+                   cache_latents=args.cache_latents,
                    progress=not args.quiet)
     for path, reason in result.skipped:
         print(f"svd-jax train: skipped {path}: {reason}", file=sys.stderr)

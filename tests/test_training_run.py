@@ -115,3 +115,37 @@ def test_resume_with_other_settings_is_refused(tiny_pipeline, videos, tmp_path, 
     err = capsys.readouterr().err
     assert "learning_rate" in err and "0.002" in err and "0.0001" in err
     assert [m["step"] for m in _metrics(out)] == [1, 2]  # the first run's log is intact
+
+
+def test_cached_latents_train_the_unet_on_encoded_clips(tiny_pipeline, videos, tmp_path):
+    """cache_latents=True: one clip per video encoded once (its latents equal the step's own VAE encode of the same
+    clip), the steps get pre-encoded batches, the run trains and exports."""
+    from svd_jax import StableVideoDiffusionPipeline
+    from svd_jax.training import train
+    from svd_jax.training.trainer import LatentCache
+
+    base = tiny_pipeline[1]
+    config = TrainConfig(num_frames=F, height=H, width=W, batch_size=2, max_steps=3, learning_rate=1e-3, seed=1)
+    calls = []
+    original = TrainStep.__call__
+
+    def spy(self, state, batch, enc):
+        calls.append(sorted(batch))
+        return original(self, state, batch, enc)
+
+    TrainStep.__call__ = spy
+    try:
+        result = train(base, videos, tmp_path / "run", config, cache_latents=True, progress=False, export=False)
+    finally:
+        TrainStep.__call__ = original
+    assert result.step == 3 and np.isfinite(result.losses).all()
+    assert calls == [["first_frame", "fps", "image_embeds", "latents", "motion_bucket_id"]] * 3
+    pipe = StableVideoDiffusionPipeline.from_pretrained(base, dtype="float32")
+    step = TrainStep(pipe.unet, pipe.vae, pipe.image_encoder, config)
+    enc = {k: pipe.params[k] for k in ("vae", "image_encoder")}
+    ds = VideoClipDataset(videos, F, H, W, warn=False)
+    cache = LatentCache(step, ds, enc, seed=1, progress=False)
+    clip = ds.clip(2, np.random.default_rng([1, 2**31, 2]))
+    np.testing.assert_allclose(cache.clip(2)["latents"], step.encode_latents(clip["pixels"][None], enc)[0],
+                               rtol=1e-6, atol=1e-6)
+    assert np.array_equal(cache.clip(2)["first_frame"], clip["pixels"][0]) and len(cache) == len(ds) == 4

@@ -389,7 +389,8 @@ class ClipLoader:
     """An endless iterator of batches of clips, deterministic from ``seed``, built ahead by a background thread.
 
     Args:
-      dataset: the VideoClipDataset.
+      dataset: the VideoClipDataset (or anything with ``len()`` and ``clip(index, rng) -> dict of arrays``, such
+        as svd_jax/training/trainer.py's latent cache; a batch stacks every field).
       batch_size: b, the GLOBAL batch size (over all processes); a multiple of the process count.
       seed: a non-negative integer; the batches depend only on (seed, batch number).
       position: global batches already consumed (to resume): the first batch yielded is batch ``position``.
@@ -472,9 +473,8 @@ class ClipLoader:
         indices = self.batch_indices(k)
         one = lambda i: self.dataset.clip(int(indices[i]), np.random.default_rng([self.seed, k, i]))
         clips = list(self._pool.map(one, self.rows)) if self._pool is not None else [one(i) for i in self.rows]
-        return {"pixels": np.stack([c["pixels"] for c in clips]),
-                "fps": np.array([c["fps"] for c in clips], np.float32),
-                "motion_bucket_id": np.array([c["motion_bucket_id"] for c in clips], np.float32)}
+        # every field of the clips stacked (the dataset's: pixels, fps, motion_bucket_id; a latent cache's too)
+        return {k: np.stack([np.asarray(c[k]) for c in clips]) for k in clips[0]}
 
     # -- the background thread
 

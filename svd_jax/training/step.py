@@ -175,6 +175,9 @@ class TrainStep:
             return TrainState(jnp.zeros((), jnp.int32), params, frozen, self.tx.init(params), ema, rng)
 
         rng = jax.random.PRNGKey(self.config.seed) if rng is None else rng
+        if shardings is None:  # committed to the default device, like a state restored from a checkpoint, so
+            # that a fresh and a resumed run trace the same program (and share its persistent-cache entry)
+            shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.jit(build, out_shardings=shardings)(flat, rng)
 
     def abstract_state(self, unet_params) -> TrainState:
@@ -239,6 +242,21 @@ class TrainStep:
                                  f"(num_frames={c.num_frames}, height={c.height}, width={c.width})")
 
     # the step ---------------------------------------------------------------------------------------------------
+    def encode_latents(self, pixels, encoder_params):
+        """pixels (B, F, H, W, 3) in [-1, 1] -> x0 (B, F, h, w, C) float32: every frame's VAE posterior mode,
+        times the VAE's scaling_factor (the pipeline's latents)."""
+        vae = self.vae
+        frames = pixels.reshape((-1,) + pixels.shape[2:])
+        z = stages.image_latents(vae, encoder_params["vae"], frames, jnp.zeros_like(frames), 0.0, jnp.float32)
+        return z.reshape(pixels.shape[:2] + z.shape[1:]) * vae.scaling_factor
+
+    def embed(self, first, encoder_params):
+        """first frames (B, H, W, 3) in [-1, 1] -> CLIP image embeddings (B, 1, D) float32, through the
+        pipeline's own resize and normalisation."""
+        emb = stages.image_embeddings(self.image_encoder, encoder_params["image_encoder"], (first + 1.0) / 2.0,
+                                      self.clip_mean, self.clip_std, self.dtype)
+        return emb[:, None, :].astype(jnp.float32)
+
     def conditioning(self, key, batch, encoder_params):
         """One step's random draws and conditioning -> (the arguments of :func:`denoising_loss` less the UNet,
         the other draws).
@@ -247,27 +265,19 @@ class TrainStep:
         (B, 1, D), added_time_ids (B, 3), sigma (B,), noise like x0. The second: aug_noise (B, H, W, 3), the
         first frame's pixel noise (times added_time_ids[:, 2]); keep_embedding, keep_image (B,) 1.0 or 0.0.
         """
-        c, dt = self.config, self.dtype
+        c = self.config
         k_sigma, k_noise, k_aug, k_aug_noise, k_drop = jax.random.split(key, 5)
         first = batch["first_frame"] if "latents" in batch else batch["pixels"][:, 0]
         b = first.shape[0]
         vae, vae_params = self.vae, encoder_params["vae"]
-        if "latents" in batch:
-            x0 = jnp.asarray(batch["latents"], jnp.float32)
-        else:  # every frame's posterior mode, scaled as the pipeline's latents are
-            pixels = batch["pixels"]
-            frames = pixels.reshape((-1,) + pixels.shape[2:])
-            z = stages.image_latents(vae, vae_params, frames, jnp.zeros_like(frames), 0.0, jnp.float32)
-            x0 = z.reshape(pixels.shape[:2] + z.shape[1:]) * vae.scaling_factor
+        x0 = (jnp.asarray(batch["latents"], jnp.float32) if "latents" in batch
+              else self.encode_latents(batch["pixels"], encoder_params))
         x0 = jax.lax.stop_gradient(x0)
         noise_aug = jnp.exp(c.noise_aug_mean + c.noise_aug_std * jax.random.normal(k_aug, (b,), jnp.float32))
         aug_noise = jax.random.normal(k_aug_noise, first.shape, jnp.float32)
         z_img = stages.image_latents(vae, vae_params, first, aug_noise, _per_clip(noise_aug), jnp.float32)
-        if "image_embeds" in batch:
-            emb = jnp.asarray(batch["image_embeds"], jnp.float32)
-        else:  # CLIP of the clean first frame through the pipeline's own resize
-            emb = stages.image_embeddings(self.image_encoder, encoder_params["image_encoder"], (first + 1.0) / 2.0,
-                                          self.clip_mean, self.clip_std, dt)[:, None, :].astype(jnp.float32)
+        emb = (jnp.asarray(batch["image_embeds"], jnp.float32) if "image_embeds" in batch
+               else self.embed(first, encoder_params))
         r = jax.random.uniform(k_drop, (b,))
         lo = c.drop_embedding - c.drop_both
         keep_emb = (r >= c.drop_embedding).astype(jnp.float32)

@@ -96,7 +96,7 @@ def train(model: str | os.PathLike, data: str | os.PathLike, output: str | os.Pa
           sample_every: int | None = None, sample_image: str | os.PathLike | None = None,
           sample_steps: int = 10, export: bool = True, export_ema: bool | None = None,
           export_dtype: str | None = "float32", progress: bool = True, prefetch: int = 2,
-          local_files_only: bool = False) -> TrainResult:
+          cache_latents: bool = False, local_files_only: bool = False) -> TrainResult:
     """Fine-tune the UNet of the SVD pipeline ``model`` on the videos in ``data``; write ``output``.
 
     Args:
@@ -118,6 +118,11 @@ def train(model: str | os.PathLike, data: str | os.PathLike, output: str | os.Pa
       export: write the exported pipeline at the end (the EMA weights where ``config.ema_decay`` is set, unless
         ``export_ema=False``), in ``export_dtype`` (None: float32 master weights as they are).
       progress: a progress bar (loss, steps/s, data wait, ETA) on stderr.
+      cache_latents: encode one clip of every video once (VAE latents of its frames, CLIP embedding of its first
+        frame) before training, and train on those: the steps then run the UNet and only the VAE encode of the
+        noise-augmented first frame, and decode no video. Each video contributes that one clip (drawn from the
+        seed) instead of a new random clip every time it comes up. Held in host memory (per clip
+        (F, h, w, 4) + (H, W, 3) + (1, D) float32).
     Returns:
       :class:`TrainResult`.
     """
@@ -134,7 +139,7 @@ def train(model: str | os.PathLike, data: str | os.PathLike, output: str | os.Pa
     ckpt_dir = out / CHECKPOINTS
     # The dataset's index first: a bad folder is reported before any weight is loaded.
     dataset = VideoClipDataset(data, config.num_frames, config.height, config.width, frame_stride=frame_stride)
-    fingerprint = {"train": config.fingerprint(), "frame_stride": frame_stride}
+    fingerprint = {"train": config.fingerprint(), "frame_stride": frame_stride, "cache_latents": cache_latents}
     checkpointer = TrainCheckpointer(ckpt_dir, keep=keep_checkpoints, save_every=save_every,
                                      fingerprint=fingerprint)
     latest = checkpointer.latest_step()
@@ -186,10 +191,11 @@ def train(model: str | os.PathLike, data: str | os.PathLike, output: str | os.Pa
     if _is_main():
         _read_metrics(metrics_path, start)
 
-    loader = ClipLoader(dataset, config.batch_size, seed=config.seed, position=position, prefetch=prefetch)
+    source = LatentCache(step, dataset, encoders, config.seed, progress and _is_main()) if cache_latents else dataset
+    loader = ClipLoader(source, config.batch_size, seed=config.seed, position=position, prefetch=prefetch)
     bar = None
     if progress and _is_main() and start < config.max_steps:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # the text bar: tqdm.auto needs ipywidgets in a notebook
 
         bar = tqdm(total=config.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     losses, last = [], {}
@@ -236,11 +242,45 @@ def train(model: str | os.PathLike, data: str | os.PathLike, output: str | os.Pa
         use_ema = config.ema_decay is not None if export_ema is None else export_ema
         params = _host(step.trained_params(state, ema=use_ema))
         if _is_main():
-            exported = export_pipeline(model, pipe.unet, params, out, dtype=export_dtype,
+            exported = export_pipeline(model, pipe.unet, params, out, dtype=export_dtype, variant=variant,
                                        local_files_only=local_files_only)
     if sample is not None and (not sample_every or s % sample_every):
         sample(state, s)
     return TrainResult(state, s, last, list(dataset.skipped), exported, losses)
+
+
+class LatentCache:
+    """One clip of every video of ``dataset``, encoded once: a stand-in for the dataset in a ClipLoader.
+
+    ``clip(index, rng)`` returns {"latents": (F, h, w, C) (scaled, as the step's x0), "first_frame": (H, W, 3)
+    in [-1, 1], "image_embeds": (1, D), "fps": (), "motion_bucket_id": ()} float32 (``rng`` is not used: the
+    clip of video i was drawn once, from ``numpy.random.default_rng([seed, 2**31, i])``).
+    """
+
+    def __init__(self, step: TrainStep, dataset: VideoClipDataset, encoders: dict, seed: int, progress: bool):
+        def encode(pixels):  # (1, F, H, W, 3) -> latents (1, F, h, w, C), embedding (1, 1, D); no dropout here:
+            # the step draws its own for every use of a cached clip
+            return step.encode_latents(pixels, encoders), step.embed(pixels[:, 0], encoders)
+
+        encode_fn = jax.jit(encode)
+        self.items = []
+        todo = range(len(dataset))
+        if progress:
+            from tqdm import tqdm
+
+            todo = tqdm(todo, desc="caching latents", unit="clip")
+        for i in todo:
+            clip = dataset.clip(i, np.random.default_rng([seed, 2**31, i]))
+            x0, emb = jax.device_get(encode_fn(jnp.asarray(clip["pixels"])[None]))
+            self.items.append({"latents": np.asarray(x0[0], np.float32), "first_frame": clip["pixels"][0],
+                               "image_embeds": np.asarray(emb[0], np.float32), "fps": clip["fps"],
+                               "motion_bucket_id": clip["motion_bucket_id"]})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def clip(self, index: int, rng=None) -> dict:
+        return self.items[index]
 
 
 class _Sampler:
