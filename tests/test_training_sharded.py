@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
+pytestmark = pytest.mark.slow  # three partitioned compiles: minutes on CPU, like the other multi-device runs
 MESHES = ("8x1", "4x2")
 
 
