@@ -156,6 +156,7 @@ CHECKS = {"01_quickstart": _check_01, "02_sharded_generation": _check_02, "03_me
           "04_finetune": _check_04}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, tiny_model, kernel_dir, xla_flags, tmp_path):
     t = time.perf_counter()
