@@ -127,7 +127,8 @@ def blockwise_attention(q, k, v, *, scale: float, q_block: int = DEFAULT_OPTIONS
                         k_block: int = DEFAULT_OPTIONS.attention_k_block):
     """Memory-efficient exact attention (online softmax); shapes as :func:`dot_product_attention`.
 
-    Scores live one (q_block x k_block) tile per head at a time. Accumulation in float32.
+    Scores live one (q_block x k_block) tile per head at a time, in the forward and (recomputed) in the backward
+    pass. Accumulation in float32.
     """
     lead, sq, h, d = q.shape[:-3], q.shape[-3], q.shape[-2], q.shape[-1]
     sk, dv = k.shape[-3], v.shape[-1]
@@ -160,10 +161,14 @@ def blockwise_attention(q, k, v, *, scale: float, q_block: int = DEFAULT_OPTIONS
             acc = acc * jnp.swapaxes(corr, -1, -2)[..., None] + pv
             return (m_new, denom, acc), None
 
-        (m, denom, acc), _ = jax.lax.scan(step, (m0, jnp.zeros_like(m0), acc0), (ks, vs, valid))
+        # Under differentiation each key block's tile is recomputed in the backward pass (only the carry is
+        # kept per block), so gradients need no full score matrix either; a forward-only program is unchanged.
+        (m, denom, acc), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), (m0, jnp.zeros_like(m0), acc0),
+                                          (ks, vs, valid))
         return (acc / jnp.swapaxes(denom, -1, -2)[..., None]).astype(q.dtype)
 
-    out = jax.lax.map(one_q_block, qs)  # (nq, ..., qb, h, dv)
+    # and each query block is recomputed in the backward pass from its queries alone
+    out = jax.lax.map(jax.checkpoint(one_q_block, prevent_cse=False), qs)  # (nq, ..., qb, h, dv)
     out = jnp.moveaxis(out, 0, -3).reshape(lead + (sq_p, h, dv))
     return out[..., :sq, :, :]
 
