@@ -18,8 +18,9 @@ ATTENTION_BACKENDS = ("auto", "xla", "blockwise", "cudnn", "pallas")
 # Rematerialisation (jax.checkpoint) of the UNet for training: what the backward pass recomputes instead of keeping.
 #   none: keep every activation; blocks: keep only each down/mid/up block's inputs, recompute the block;
 #   transformers: keep everything but the transformer blocks' insides (attention and feed-forward activations, the
-#   largest at the high-resolution levels), which are recomputed.
-REMAT_POLICIES = ("none", "blocks", "transformers")
+#   largest at the high-resolution levels), which are recomputed; blocks+transformers: both, nested (a block's
+#   recomputation keeps only its transformer blocks' inputs): the least memory, the most recomputation.
+REMAT_POLICIES = ("none", "blocks", "transformers", "blocks+transformers")
 MiB = 2**20
 
 

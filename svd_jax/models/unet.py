@@ -131,7 +131,7 @@ class TransformerSpatioTemporalModel(nn.Module):
         emb = emb[:, None, :]
         mixer = AlphaBlender(0.5, "learned_with_images", dtype=dt, param_dtype=pt, name="time_mixer")
         spatial, temporal = BasicTransformerBlock, TemporalBasicTransformerBlock
-        if o.remat == "transformers":  # recomputed in the backward pass (the same parameter tree)
+        if o.remat in ("transformers", "blocks+transformers"):  # recomputed in the backward pass (same params)
             spatial, temporal = nn.remat(spatial), nn.remat(temporal)
         for i in range(self.num_layers):
             h = spatial(self.heads, self.dim_head, self.chunk_size, self.chunk_dim, dt, pt, o,
@@ -319,7 +319,7 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
         c = o.constrain_activations
         # remat="blocks": each block keeps only its inputs for the backward pass (argument 6, the up-sampler's
         # size, is static: it is a shape).
-        block = nn.remat(_Block, static_argnums=(6,)) if o.remat == "blocks" else _Block
+        block = nn.remat(_Block, static_argnums=(6,)) if o.remat in ("blocks", "blocks+transformers") else _Block
         x = c(conv(ch0, (3, 3), "conv_in", dt, pt, o)(x))
         skips = [x]
         opts = dict(chunk_size=self.forward_chunk_size, chunk_dim=self.forward_chunk_dim, dtype=dt, param_dtype=pt,
