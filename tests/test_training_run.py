@@ -50,6 +50,7 @@ def _eval_loss(step, params, batches, encoders):
     return float(np.mean([loss(flat, b, jax.random.PRNGKey(100 + i)) for i, b in enumerate(batches)]))
 
 
+@pytest.mark.slow  # three runs of the CLI, an exported pipeline and a sample video: minutes on 2 cores
 def test_train_resume_is_bit_identical_and_the_loss_falls(tiny_pipeline, videos, tmp_path, capsys):
     base = tiny_pipeline[1]
     image = tmp_path / "first.png"
@@ -117,6 +118,7 @@ def test_resume_with_other_settings_is_refused(tiny_pipeline, videos, tmp_path, 
     assert [m["step"] for m in _metrics(out)] == [1, 2]  # the first run's log is intact
 
 
+@pytest.mark.slow  # another compiled step (the pre-encoded batch form)
 def test_cached_latents_train_the_unet_on_encoded_clips(tiny_pipeline, videos, tmp_path):
     """cache_latents=True: one clip per video encoded once (its latents equal the step's own VAE encode of the same
     clip), the steps get pre-encoded batches, the run trains and exports."""
