@@ -403,9 +403,12 @@ def test_gif_round_trip(tmp_path):
 def test_ctrl_c_during_encode_keeps_old_file(tmp_path):
     """SIGINT to the whole process group, as a terminal's Ctrl-C sends it (ffmpeg gets it too), mid-encode."""
     script = textwrap.dedent("""
-        import sys, time
+        import signal, sys, time
         import numpy as np
         from svd_jax.video import export_to_video
+        # as in a terminal: a test runner started in the background (a non-interactive shell's `cmd &`) passes
+        # SIGINT down ignored, and Python then leaves it ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         frame = np.full((64, 96, 3), 0.5, np.float32)
         def slow():
             for i in range(200):
