@@ -59,12 +59,14 @@ import subprocess
 import sys
 import time
 
+from svd_jax.options import REMAT_POLICIES  # imports no jax (XLA_FLAGS are set before jax starts)
+
 GIB = 2**30
 CPU_MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 NO_YNN = "--xla_cpu_experimental_ynn_fusion_type="
 DEVICE_COUNT = "--xla_force_host_platform_device_count=8"
 KEEP_REMAT = "--xla_disable_hlo_passes=cse_barrier_expander"
-REMAT_ORDER = ("none", "blocks", "transformers", "blocks+transformers")
+REMAT_ORDER = REMAT_POLICIES  # svd_jax/options.py
 GOALS = {1: 48.0, 8: 16.0}  # GiB per device, full fine-tuning at 25x576x1024
 GOAL_SIZE = "25x576x1024"
 

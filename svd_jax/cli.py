@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from .options import REMAT_POLICIES  # no jax import: the CLI parses arguments before jax starts
+
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 DTYPES = ("float32", "bfloat16", "float16")  # the weights' dtypes (svd_jax.weights.FLAX_DTYPES; tested equal)
 DEBUG_ENV = "SVD_JAX_DEBUG"
@@ -113,7 +115,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-decay", type=float, default=None, help="keep (and export) an EMA of the weights")
     p.add_argument("--trainable", default="full", choices=["full", "temporal"],
                    help="what trains: the whole UNet or its temporal layers")
-    p.add_argument("--remat", default="none", choices=["none", "blocks", "transformers", "blocks+transformers"],
+    p.add_argument("--remat", default="none", choices=list(REMAT_POLICIES),
                    help="what the backward pass recomputes to save memory")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="compute dtype (auto: bfloat16 on TPU/GPU, float32 on CPU); weights stay float32")

@@ -16,11 +16,18 @@ from collections.abc import Callable
 
 ATTENTION_BACKENDS = ("auto", "xla", "blockwise", "cudnn", "pallas")
 # Rematerialisation (jax.checkpoint) of the UNet for training: what the backward pass recomputes instead of keeping.
-#   none: keep every activation; blocks: keep only each down/mid/up block's inputs, recompute the block;
-#   transformers: keep everything but the transformer blocks' insides (attention and feed-forward activations, the
-#   largest at the high-resolution levels), which are recomputed; blocks+transformers: both, nested (a block's
-#   recomputation keeps only its transformer blocks' inputs): the least memory, the most recomputation.
-REMAT_POLICIES = ("none", "blocks", "transformers", "blocks+transformers")
+# A policy is "none" or a "+"-joined set of granularities, nested where several apply:
+#   blocks: keep only each down/mid/up block's inputs, recompute the block;
+#   transformers: keep only each transformer block's input, recompute its attention and feed-forward activations
+#     (the largest at the high-resolution levels);
+#   layers: every GroupNorm/LayerNorm and every feed-forward (slice) keeps only its input: the float32 statistics
+#     and centred copies of a norm and the 4x-wide GEGLU hidden layers are recomputed (cheap: elementwise, or one
+#     feed-forward forward).
+# "blocks+layers" / "blocks+transformers+layers" hold the least memory (a block's recomputation then keeps only its
+# layers' inputs); "none" is the fastest.
+REMAT_PARTS = ("blocks", "transformers", "layers")
+REMAT_POLICIES = ("none", "blocks", "transformers", "layers", "blocks+transformers", "blocks+layers",
+                  "transformers+layers", "blocks+transformers+layers")
 MiB = 2**20
 
 
@@ -78,6 +85,12 @@ class ModelOptions:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}; got {self.remat!r}")
         if self.platform not in (None, "cpu", "gpu", "tpu"):
             raise ValueError(f"platform must be None, 'cpu', 'gpu' or 'tpu'; got {self.platform!r}")
+
+    def remats(self, part: str) -> bool:
+        """Whether the remat policy includes granularity ``part`` (one of ``REMAT_PARTS``)."""
+        if part not in REMAT_PARTS:
+            raise ValueError(f"unknown remat granularity {part!r}; one of {REMAT_PARTS}")
+        return part in self.remat.split("+")
 
     def replace(self, **changes) -> ModelOptions:
         """A copy with ``changes`` (checked like the constructor's arguments)."""

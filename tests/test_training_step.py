@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from svd_jax import StableVideoDiffusionPipeline
+from svd_jax.options import REMAT_POLICIES
 from svd_jax.training import TrainConfig, TrainStep
 from svd_jax.training.config import TEMPORAL_MARKERS, TrainConfigError
 from svd_jax.training.step import diffusers_name, flatten_params, trainable_keys
@@ -162,17 +163,41 @@ def test_conditioning_draws_follow_the_configured_distributions(jax_pipe):
     assert abs(e - 0.5) < tol and abs(i - 0.3) < tol and abs(both - 0.3) < tol and abs(ms + 1.2) < 0.1
 
 
+def _residual_bytes(fn, *args) -> int:
+    """Bytes of the arrays JAX's autodiff keeps from fn's forward for its backward (the vjp's residuals)."""
+    jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a)[1])(*args).jaxpr
+    ins = {id(v) for v in jaxpr.invars}
+    outs = {id(v): v for v in jaxpr.outvars if type(v).__name__ != "Literal" and id(v) not in ins}
+    return sum(int(np.prod(v.aval.shape)) * np.dtype(v.aval.dtype).itemsize for v in outs.values())
+
+
+@pytest.mark.slow  # ~5 min on 2 cores: seven policies traced, three compiled, one eager run
 def test_remat_policies_give_the_same_gradients(jax_pipe):
+    """Recomputation changes what is kept, not the math: every policy's gradients equal remat="none"'s to within
+    the float32 noise of XLA:CPU itself (the same "none" gradients compiled vs run op by op differ by ~2e-5 of
+    their scale in the conv kernels, from convolution algorithms and fusion; measured here, not assumed)."""
     cond = _cond(4)
-    grads = {}
-    for policy in ("none", "blocks", "blocks+transformers"):  # the nested policy applies both wrappers
-        ts = TrainStep(jax_pipe.unet, None, None, _config(remat=policy))
+    grads, saved, steps = {}, {}, {}
+    for policy in REMAT_POLICIES:
+        ts = steps[policy] = TrainStep(jax_pipe.unet, None, None, _config(remat=policy))
         state = ts.init(jax_pipe.params["unet"])
-        grads[policy] = jax.device_get(jax.jit(jax.grad(ts.loss))(state.params, state.frozen, cond))
+        saved[policy] = _residual_bytes(lambda p: ts.loss(p, state.frozen, cond), state.params)
+        if policy in ("none", "layers", "blocks+transformers+layers"):  # the nested one applies every wrapper
+            grads[policy] = jax.device_get(jax.jit(jax.grad(ts.loss))(state.params, state.frozen, cond))
+    state = steps["none"].init(jax_pipe.params["unet"])
+    with jax.disable_jit():
+        eager = jax.device_get(jax.grad(steps["none"].loss)(state.params, state.frozen, cond))
+    diff = lambda a, b: max(float(np.abs(a[k] - b[k]).max()) for k in a)
     scale = max(float(np.abs(g).max()) for g in grads["none"].values())
-    for policy in ("blocks", "blocks+transformers"):
-        worst = max(float(np.abs(grads[policy][k] - g).max()) for k, g in grads["none"].items())
-        assert worst <= 1e-5 * scale, (policy, worst, scale)
+    floor = diff(grads["none"], eager)
+    assert floor <= 1e-4 * scale, (floor, scale)  # the noise floor itself is small
+    for policy in ("layers", "blocks+transformers+layers"):
+        worst = diff(grads[policy], grads["none"])
+        assert worst <= max(4 * floor, 1e-6 * scale), (policy, worst, floor, scale)
+    # each granularity really keeps less: recomputation is in the program, not only promised
+    for less, more in (("blocks", "none"), ("transformers", "none"), ("layers", "none"),
+                       ("transformers+layers", "transformers"), ("blocks+layers", "blocks")):
+        assert saved[less] < saved[more], (less, saved[less], more, saved[more])
 
 
 def test_temporal_training_touches_only_temporal_layers(jax_pipe):

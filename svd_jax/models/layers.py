@@ -29,13 +29,15 @@ class GroupNorm(nn.Module):
     Statistics are taken per sample (axis 0) and group over ALL other axes, so (N, H, W, C) normalises each
     image, and (B, F, H, W, C) pools over the frames of a video, as PyTorch's 5-D GroupNorm does.
     ``stats``: (mean, var), each (N, num_groups) float32, to normalise with statistics taken elsewhere (over
-    tiles of a larger tensor: :meth:`partial_sums`); default: x's own.
+    tiles of a larger tensor: :meth:`partial_sums`); default: x's own. ``remat``: under differentiation keep
+    only x (not the float32 statistics and centred copy) and recompute the norm in the backward pass.
     """
 
     num_groups: int = 32
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, stats=None):
@@ -48,13 +50,16 @@ class GroupNorm(nn.Module):
             lead = (x.shape[0],) + (1,) * (x.ndim - 2)
             mean, var = (s.reshape(lead + (self.num_groups, 1)) for s in stats)
             return group_normalize(x, mean, var, scale, bias, self.epsilon, self.dtype)
-        # Only the channel axis is split into groups: merging the spatial axes would merge a device-split axis
-        # into another one, which XLA's partitioner can only do by gathering.
-        xg = self._grouped(x)
-        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-        mean = xg.mean(axis=axes, keepdims=True)
-        var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
-        return group_normalize(x, mean, var, scale, bias, self.epsilon, self.dtype)
+        def norm(x, scale, bias):
+            # Only the channel axis is split into groups: merging the spatial axes would merge a device-split
+            # axis into another one, which XLA's partitioner can only do by gathering.
+            xg = self._grouped(x)
+            axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+            mean = xg.mean(axis=axes, keepdims=True)
+            var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
+            return group_normalize(x, mean, var, scale, bias, self.epsilon, self.dtype)
+
+        return recomputed(norm, self.remat)(x, scale, bias)
 
     def _grouped(self, x):
         return x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, x.shape[-1] // self.num_groups))
@@ -83,22 +88,34 @@ def group_normalize(x, mean, var, scale, bias, eps: float, dtype):
 
 
 class LayerNorm(nn.Module):
-    """torch.nn.LayerNorm over the last axis, in float32 (two-pass variance), explicit epsilon."""
+    """torch.nn.LayerNorm over the last axis, in float32 (two-pass variance), explicit epsilon. ``remat``: as
+    :class:`GroupNorm`'s."""
 
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
         scale = param(self, "scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = param(self, "bias", nn.initializers.zeros, (c,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+        def norm(x, scale, bias):
+            xf = x.astype(jnp.float32)
+            mean = xf.mean(-1, keepdims=True)
+            var = jnp.square(xf - mean).mean(-1, keepdims=True)
+            y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+            return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+        return recomputed(norm, self.remat)(x, scale, bias)
+
+
+def recomputed(fn, remat: bool):
+    """``fn``, or with ``remat`` ``jax.checkpoint(fn)``: under differentiation only its arguments are kept and its
+    insides recomputed in the backward pass (remat granularity "layers", svd_jax/options.py); the same values."""
+    return jax.checkpoint(fn) if remat else fn
 
 
 def param(module: nn.Module, name: str, init_fn, shape: tuple, dtype: Dtype):
@@ -254,12 +271,12 @@ class ResnetBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x, temb=None):
         dt, pt, o = self.dtype, self.param_dtype, self.options
-        h = nn.silu(GroupNorm(self.groups, self.eps, dt, pt, name="norm1")(x))
+        h = nn.silu(GroupNorm(self.groups, self.eps, dt, pt, o.remats("layers"), name="norm1")(x))
         h = conv(self.out_channels, (3, 3), "conv1", dt, pt, o)(h)
         if self.use_temb:
             t = dense(self.out_channels, "time_emb_proj", dt, pt)(nn.silu(temb))
             h = h + t[:, None, None, :]
-        h = nn.silu(GroupNorm(self.groups, self.eps, dt, pt, name="norm2")(h))
+        h = nn.silu(GroupNorm(self.groups, self.eps, dt, pt, o.remats("layers"), name="norm2")(h))
         h = conv(self.out_channels, (3, 3), "conv2", dt, pt, o)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, (1, 1), "conv_shortcut", dt, pt, o)(x)
@@ -284,11 +301,11 @@ class TemporalResnetBlock(nn.Module):
 
     def setup(self):
         dt, pt, o, c = self.dtype, self.param_dtype, self.options, self.out_channels
-        self.norm1 = GroupNorm(self.groups, self.eps, dt, pt)
+        self.norm1 = GroupNorm(self.groups, self.eps, dt, pt, o.remats("layers"))
         self.conv1 = conv(c, (3, 1, 1), None, dt, pt, o)
         if self.use_temb:
             self.time_emb_proj = Dense(c, dtype=dt, param_dtype=pt)
-        self.norm2 = GroupNorm(self.groups, self.eps, dt, pt)
+        self.norm2 = GroupNorm(self.groups, self.eps, dt, pt, o.remats("layers"))
         self.conv2 = conv(c, (3, 1, 1), None, dt, pt, o)
 
     def __call__(self, x, temb=None):
@@ -513,6 +530,9 @@ class FeedForward(nn.Module):
         def ff(h):
             a, g = jnp.split(jnp.dot(h.astype(dt), k1) + b1, 2, axis=-1)
             return jnp.dot(a * jax.nn.gelu(g, approximate=False), k2) + b2
+
+        # remat "layers": each slice keeps only its input; its 4x-wide hidden layer is recomputed
+        ff = recomputed(ff, self.options.remats("layers"))
 
         if self.chunk_size is None:
             budget = None if self.options.partitioned else self.options.forward_chunk_bytes

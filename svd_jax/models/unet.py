@@ -65,11 +65,11 @@ class BasicTransformerBlock(nn.Module):
     def __call__(self, x, context):
         dt, pt, o = self.dtype, self.param_dtype, self.options
         attn = lambda name: Attention(self.heads, self.dim_head, dtype=dt, param_dtype=pt, options=o, name=name)
-        x = attn("attn1")(LayerNorm(1e-5, dt, pt, name="norm1")(x)) + x
-        x = attn("attn2")(LayerNorm(1e-5, dt, pt, name="norm2")(x), context) + x
+        x = attn("attn1")(LayerNorm(1e-5, dt, pt, o.remats("layers"), name="norm1")(x)) + x
+        x = attn("attn2")(LayerNorm(1e-5, dt, pt, o.remats("layers"), name="norm2")(x), context) + x
         ff = FeedForward(chunk_size=self.chunk_size, chunk_dim=self.chunk_dim, dtype=dt, param_dtype=pt, options=o,
                          name="ff")
-        return ff(LayerNorm(1e-5, dt, pt, name="norm3")(x)) + x
+        return ff(LayerNorm(1e-5, dt, pt, o.remats("layers"), name="norm3")(x)) + x
 
 
 class TemporalBasicTransformerBlock(nn.Module):
@@ -95,10 +95,10 @@ class TemporalBasicTransformerBlock(nn.Module):
         ff = lambda name: FeedForward(chunk_size=self.chunk_size, chunk_dim=2, dtype=dt, param_dtype=pt, options=o,
                                       name=name)
         attn = lambda name: Attention(self.heads, self.dim_head, dtype=dt, param_dtype=pt, options=o, name=name)
-        h = ff("ff_in")(LayerNorm(1e-5, dt, pt, name="norm_in")(h)) + h
-        h = attn("attn1")(LayerNorm(1e-5, dt, pt, name="norm1")(h)) + h
-        h = attn("attn2")(LayerNorm(1e-5, dt, pt, name="norm2")(h), context) + h
-        h = ff("ff")(LayerNorm(1e-5, dt, pt, name="norm3")(h)) + h
+        h = ff("ff_in")(LayerNorm(1e-5, dt, pt, o.remats("layers"), name="norm_in")(h)) + h
+        h = attn("attn1")(LayerNorm(1e-5, dt, pt, o.remats("layers"), name="norm1")(h)) + h
+        h = attn("attn2")(LayerNorm(1e-5, dt, pt, o.remats("layers"), name="norm2")(h), context) + h
+        h = ff("ff")(LayerNorm(1e-5, dt, pt, o.remats("layers"), name="norm3")(h)) + h
         return h.transpose(0, 2, 1, 3).reshape(bf, s, c)
 
 
@@ -124,14 +124,14 @@ class TransformerSpatioTemporalModel(nn.Module):
         ctx0 = ehs.reshape((b, f) + ehs.shape[1:])[:, 0]
         time_context = jnp.broadcast_to(ctx0[:, None], (b, hh * ww) + ctx0.shape[1:])
         residual = x
-        h = GroupNorm(32, 1e-6, dt, pt, name="norm")(x).reshape(bf, hh * ww, c)
+        h = GroupNorm(32, 1e-6, dt, pt, o.remats("layers"), name="norm")(x).reshape(bf, hh * ww, c)
         h = dense(inner, "proj_in", dt, pt)(h)
         frame_ids = jnp.tile(jnp.arange(f), b)
         emb = TimestepEmbedding(4 * c, c, dt, pt, name="time_pos_embed")(timestep_embedding(frame_ids, c).astype(dt))
         emb = emb[:, None, :]
         mixer = AlphaBlender(0.5, "learned_with_images", dtype=dt, param_dtype=pt, name="time_mixer")
         spatial, temporal = BasicTransformerBlock, TemporalBasicTransformerBlock
-        if o.remat in ("transformers", "blocks+transformers"):  # recomputed in the backward pass (same params)
+        if o.remats("transformers"):  # recomputed in the backward pass (same params)
             spatial, temporal = nn.remat(spatial), nn.remat(temporal)
         for i in range(self.num_layers):
             h = spatial(self.heads, self.dim_head, self.chunk_size, self.chunk_dim, dt, pt, o,
@@ -319,7 +319,7 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
         c = o.constrain_activations
         # remat="blocks": each block keeps only its inputs for the backward pass (argument 6, the up-sampler's
         # size, is static: it is a shape).
-        block = nn.remat(_Block, static_argnums=(6,)) if o.remat in ("blocks", "blocks+transformers") else _Block
+        block = nn.remat(_Block, static_argnums=(6,)) if o.remats("blocks") else _Block
         x = c(conv(ch0, (3, 3), "conv_in", dt, pt, o)(x))
         skips = [x]
         opts = dict(chunk_size=self.forward_chunk_size, chunk_dim=self.forward_chunk_dim, dtype=dt, param_dtype=pt,
@@ -348,7 +348,7 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
                       name=f"up_blocks_{i}")(x, emb, ehs, ind, block_skips, size)
             x = c(x)
 
-        x = nn.silu(GroupNorm(32, 1e-5, dt, pt, name="conv_norm_out")(x))
+        x = nn.silu(GroupNorm(32, 1e-5, dt, pt, o.remats("layers"), name="conv_norm_out")(x))
         x = conv(self.out_channels, (3, 3), "conv_out", dt, pt, o)(x)
         return UNetOutput(sample=x.reshape((b, f) + x.shape[1:]))
 
