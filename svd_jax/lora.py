@@ -1,0 +1,293 @@
+"""LoRA adapters for the UNet, exchangeable with peft and diffusers.
+
+An adapter adds ``(alpha / r) * scale * B @ A`` to the weight ``W`` (out, in) of a linear layer (peft's
+convention; ``alpha / sqrt(r)`` with ``use_rslora``). svd-jax keeps the UNet's parameter layout unchanged: an
+adapter is a separate :class:`LoRA` object, fused into a copy of the params by :func:`apply_lora`.
+
+Formats read by :func:`load_lora` (strictly: every tensor must belong to a known module with matching shapes,
+or nothing is returned):
+
+* a peft folder: ``adapter_config.json`` + ``adapter_model.safetensors``, keys ``<module>.lora_A.weight`` /
+  ``.lora_B.weight`` with or without the ``base_model.model.`` prefix; rank and alpha per module from ``r``,
+  ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``;
+* a diffusers-style single file (``pytorch_lora_weights.safetensors``): keys prefixed ``unet.``, names
+  ``lora_A``/``lora_B`` or ``lora.down``/``lora.up``, an optional per-module ``.alpha`` (absent: alpha = rank).
+
+:func:`save_lora` writes a peft folder (what ``PeftModel.save_pretrained`` writes) that peft loads onto
+diffusers' ``UNetSpatioTemporalConditionModel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+PEFT_PREFIX = "base_model.model."
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class LoRAError(ValueError):
+    """An adapter that cannot be read or applied; the message names the file, key or module."""
+
+
+@dataclasses.dataclass
+class LoRA:
+    """One adapter: ``weights[module] = (A (r, in), B (out, r))`` float32 numpy arrays, keyed by the diffusers
+    module name (``"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"``); ``alphas[module]`` its
+    ``lora_alpha``; ``use_rslora``: scaling alpha / sqrt(r) instead of alpha / r."""
+
+    weights: dict[str, tuple[np.ndarray, np.ndarray]]
+    alphas: dict[str, float]
+    use_rslora: bool = False
+
+    def rank(self, module: str) -> int:
+        """r of ``module``'s adapter."""
+        return int(self.weights[module][0].shape[0])
+
+    def scaling(self, module: str) -> float:
+        """alpha / r (``use_rslora``: alpha / sqrt(r)) of ``module``."""
+        r = self.rank(module)
+        return self.alphas[module] / (math.sqrt(r) if self.use_rslora else r)
+
+    def delta(self, module: str) -> np.ndarray:
+        """The weight change at scale 1 in PyTorch layout, (out, in) float32."""
+        a, b = self.weights[module]
+        return self.scaling(module) * (b.astype(np.float32) @ a.astype(np.float32))
+
+
+def _pattern_value(name: str, pattern: Mapping[str, float], default):
+    """peft's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoRAError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """A LoRA tensor name -> (module, part) with part in 'A', 'B', 'alpha'; ValueError if it is none."""
+    for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora.down.weight", "A"),
+                         (".lora.up.weight", "B"), (".alpha", "alpha")):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
+    raise ValueError(key)
+
+
+def _collect(tensors: Mapping[str, np.ndarray], prefix: str, source: str) -> tuple[dict, dict]:
+    """{module: (A, B)}, {module: alpha tensor value} from LoRA tensors whose names start with ``prefix``."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+        try:
+            module, part = _split_key(name)
+        except ValueError:
+            raise LoRAError(f"{source}: tensor {key!r} is not a LoRA tensor (expected <module>.lora_A.weight, "
+                            f".lora_B.weight, .lora.down.weight, .lora.up.weight or .alpha)") from None
+        parts.setdefault(module, {})[part] = value
+    if not parts:
+        raise LoRAError(f"{source}: holds no LoRA tensors")
+    weights, alphas = {}, {}
+    for module, p in sorted(parts.items()):
+        if "A" not in p or "B" not in p:
+            raise LoRAError(f"{source}: module {module!r} has {sorted(p)} but needs both lora_A and lora_B")
+        a, b = np.asarray(p["A"], np.float32), np.asarray(p["B"], np.float32)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise LoRAError(f"{source}: module {module!r}: lora_A {a.shape} and lora_B {b.shape} are not "
+                            f"(r, in) and (out, r) of one rank (convolution adapters are not supported)")
+        weights[module] = (a, b)
+        if "alpha" in p:
+            alphas[module] = float(np.asarray(p["alpha"]).reshape(()))
+    return weights, alphas
+
+
+def _resolve(path, weight_name, subfolder) -> Path:
+    """A local file or folder, or a hub repo id fetched through huggingface_hub (its file only)."""
+    p = Path(path)
+    if subfolder:
+        p = p / subfolder
+    if p.exists():
+        return p / weight_name if weight_name and p.is_dir() else p
+    if Path(path).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        raise LoRAError(f"LoRA path {p} does not exist (nor is {str(path)!r} a hub repo id 'owner/name')")
+    from huggingface_hub import hf_hub_download
+
+    names = [weight_name] if weight_name else [PEFT_WEIGHTS, DIFFUSERS_WEIGHTS]
+    last = None
+    for name in names:
+        try:
+            file = Path(hf_hub_download(str(path), name, subfolder=subfolder))
+        except Exception as e:  # noqa: BLE001 - the hub's errors differ by version; the message says which
+            last = e
+            continue
+        if name == PEFT_WEIGHTS:
+            try:
+                hf_hub_download(str(path), PEFT_CONFIG, subfolder=subfolder)
+            except Exception as e:  # noqa: BLE001
+                raise LoRAError(f"hub repo {path}: {PEFT_WEIGHTS} without {PEFT_CONFIG} ({e})") from None
+        return file
+    raise LoRAError(f"hub repo {path}: found none of {names} ({last})")
+
+
+def load_lora(path, weight_name: str | None = None, subfolder: str | None = None) -> LoRA:
+    """An adapter from a peft folder, a peft/diffusers safetensors file, or a hub repo id.
+
+    Args:
+      path: a peft folder (``adapter_config.json`` + ``adapter_model.safetensors``), a folder holding
+        ``pytorch_lora_weights.safetensors``, a ``.safetensors`` file, or a hub repo id.
+      weight_name: the file name inside the folder or repo.
+      subfolder: a folder inside ``path``.
+
+    Returns:
+      a :class:`LoRA` (A (r, in), B (out, r) per module).
+    """
+    p = _resolve(path, weight_name, subfolder)
+    if p.is_dir():
+        if (p / PEFT_WEIGHTS).exists():
+            p = p / PEFT_WEIGHTS
+        elif (p / DIFFUSERS_WEIGHTS).exists():
+            p = p / DIFFUSERS_WEIGHTS
+        else:
+            raise LoRAError(f"{p}: holds neither {PEFT_WEIGHTS} (+ {PEFT_CONFIG}) nor {DIFFUSERS_WEIGHTS}")
+    tensors = _read_safetensors(p)
+    config_file = p.parent / PEFT_CONFIG
+    if any(k.startswith("unet.") for k in tensors):  # diffusers naming
+        other = [k for k in tensors if not k.startswith("unet.")]
+        if other:
+            raise LoRAError(f"{p}: tensors outside the UNet ({other[0]!r}, ...): only UNet adapters apply to SVD")
+        weights, alphas = _collect(tensors, "unet.", str(p))
+        return LoRA(weights, {m: alphas.get(m, float(a.shape[0])) for m, (a, _) in weights.items()})
+    weights, _ = _collect(tensors, PEFT_PREFIX, str(p))
+    if not config_file.exists():
+        raise LoRAError(f"{p}: peft-style tensors need {config_file.name} beside them (the adapter's r and "
+                        f"lora_alpha); for diffusers naming prefix the keys with 'unet.'")
+    cfg = json.loads(config_file.read_text())
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise LoRAError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    alphas = {}
+    for m, (a, _) in weights.items():
+        r = _pattern_value(m, rank_pattern, r0)
+        if a.shape[0] != r:
+            raise LoRAError(f"{p}: module {m!r} has rank {a.shape[0]} but {config_file.name} says r={r}")
+        alphas[m] = float(_pattern_value(m, alpha_pattern, alpha0))
+    return LoRA(weights, alphas, bool(cfg.get("use_rslora", False)))
+
+
+def _kernel_keys(flat_params: Mapping[str, object]) -> dict[str, tuple]:
+    """diffusers module name -> Flax path of its linear kernel (2-D), for every linear layer of the params."""
+    from .weights.torch_layout import path_to_torch_name
+
+    out = {}
+    for path, v in flat_params.items():
+        if path[-1] == "kernel" and np.ndim(v) == 2:
+            name = path_to_torch_name(path, 2)[0]
+            out[name[: -len(".weight")]] = path
+    return out
+
+
+def apply_lora(unet_params, lora: LoRA | list, scale=1.0):
+    """UNet params with the adapter(s) fused: ``kernel + scale * (alpha/r) * (B @ A)ᵀ`` for each adapted layer.
+
+    Args:
+      unet_params: the UNet's Flax params (a nested dict, as from ``from_pretrained``; a ``{"params": ...}``
+        wrapper is accepted).
+      lora: a :class:`LoRA`, or a list of them (summed).
+      scale: a float, or one per adapter; may be a traced scalar (no retrace when it changes under jit).
+
+    Returns:
+      the same tree as ``unet_params``; every leaf not adapted is the input leaf itself.
+
+    Raises LoRAError before changing anything if a module is not a linear layer of this UNet or a shape differs.
+    """
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    loras = list(lora) if isinstance(lora, (list, tuple)) else [lora]
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(loras)
+    if len(scales) != len(loras):
+        raise LoRAError(f"{len(scales)} scales for {len(loras)} adapters")
+    wrapped = isinstance(unet_params, Mapping) and set(unet_params) == {"params"}
+    tree = unet_params["params"] if wrapped else unet_params
+    flat = traverse_util.flatten_dict(tree)
+    keys = _kernel_keys(flat)
+    deltas: dict[tuple, list] = {}
+    for ad in loras:
+        for m, (a, b) in ad.weights.items():
+            if m not in keys:
+                near = sorted(k for k in keys if k.rsplit(".", 1)[-1] == m.rsplit(".", 1)[-1])[:3]
+                raise LoRAError(f"adapter module {m!r} is not a linear layer of this UNet"
+                                f"{' (e.g. ' + ', '.join(near) + ')' if near else ''}: an adapter for another "
+                                f"model?")
+            kin, kout = flat[keys[m]].shape
+            if a.shape[1] != kin or b.shape[0] != kout:
+                raise LoRAError(f"adapter module {m!r}: lora_A {a.shape} / lora_B {b.shape} do not fit the layer's "
+                                f"weight ({kout}, {kin})")
+    for ad, s in zip(loras, scales):
+        for m in ad.weights:
+            deltas.setdefault(keys[m], []).append((ad.delta(m).T, s))
+    for path, parts in deltas.items():
+        k = flat[path]
+        total = sum(jnp.asarray(d) * jnp.asarray(s, jnp.float32) for d, s in parts)
+        flat[path] = (jnp.asarray(k, jnp.float32) + total).astype(k.dtype)
+    out = traverse_util.unflatten_dict(flat)
+    return {"params": out} if wrapped else out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def save_lora(lora: LoRA, directory, base_model_name_or_path: str | None = None) -> Path:
+    """Write ``lora`` as a peft folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (keys
+    ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``, as ``PeftModel.save_pretrained``).
+
+    Ranks and alphas that differ between modules go to ``rank_pattern`` / ``alpha_pattern`` under the full
+    module names. Each file is written atomically. Returns the folder.
+    """
+    from safetensors.numpy import save
+
+    if not lora.weights:
+        raise LoRAError("save_lora: the adapter has no modules")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    modules = sorted(lora.weights)
+    ranks = {m: lora.rank(m) for m in modules}
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    a0 = max(set(lora.alphas.values()), key=list(lora.alphas.values()).count)
+    config = dict(peft_type="LORA", task_type=None, r=r0, lora_alpha=a0, target_modules=modules,
+                  rank_pattern={m: r for m, r in ranks.items() if r != r0},
+                  alpha_pattern={m: a for m, a in lora.alphas.items() if a != a0},
+                  use_rslora=lora.use_rslora, lora_dropout=0.0, bias="none", fan_in_fan_out=False,
+                  init_lora_weights=True, base_model_name_or_path=base_model_name_or_path)
+    tensors = {}
+    for m in modules:
+        a, b = lora.weights[m]
+        tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = np.ascontiguousarray(a, np.float32)
+        tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = np.ascontiguousarray(b, np.float32)
+    _atomic_write(d / PEFT_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    _atomic_write(d / PEFT_CONFIG, json.dumps(config, indent=2).encode())
+    return d

@@ -1,0 +1,183 @@
+"""LoRA adapters (svd_jax/lora.py) against peft on diffusers' UNet: the same output with the adapter, both ways,
+in peft's and diffusers' file formats; bad adapters refused before anything is applied."""
+
+import copy
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model  # the test extra's reference
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.numpy import save_file
+from test_unet import TINY, _inputs, _torch_unet
+
+from svd_jax.lora import LoRA, LoRAError, apply_lora, load_lora, save_lora
+from conftest import make_unet_pair, rel_err
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory):
+    model, module, params = make_unet_pair(TINY, tmp_path_factory.mktemp("unet"))
+    return model, module, params
+
+
+def _with_peft(model, config, seed=0, name="default"):
+    """A copy of ``model`` with a peft adapter whose A and B are both random (peft starts B at zero), small
+    enough that the adapted model stays well conditioned (at 0.3 x randn the adapter more than doubles the output
+    and torch's own merged and unmerged forwards differ by 5e-4)."""
+    m = inject_adapter_in_model(config, copy.deepcopy(model), adapter_name=name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.06 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def _peft_folder(m, config, folder, name="default"):
+    state = {f"base_model.model.{k}": v.numpy() for k, v in get_peft_model_state_dict(m, adapter_name=name).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    cfg = config.to_dict()
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, default=str))
+    return folder
+
+
+_FORWARD = {}
+
+
+def _jax_out(module, params, seed=3):
+    x, ehs, ids = _inputs(seed, 2, 3, 8, 12, 1)
+    if module not in _FORWARD:  # one compile for every adapter: same shapes
+        _FORWARD[module] = jax.jit(lambda p, *a: module.apply({"params": p}, *a).sample)
+    return np.asarray(_FORWARD[module](params, x, 0.7, ehs, ids)), (x, ehs, ids)
+
+
+CONFIG = dict(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+              rank_pattern={"to_k": 2}, alpha_pattern={"to_v": 3.0})
+
+
+def test_peft_folder_equals_peft(unet, tmp_path):
+    model, module, params = unet
+    config = LoraConfig(**CONFIG)
+    m = _with_peft(model, config)
+    lora = load_lora(_peft_folder(m, config, tmp_path / "peft"))
+    assert {lora.rank(k) for k in lora.weights} == {2, 4}  # rank_pattern honoured
+    base, (x, ehs, ids) = _jax_out(module, params)
+    out, _ = _jax_out(module, apply_lora(params, lora))
+    ref = _torch_unet(m, x, 0.7, ehs, ids)
+    assert rel_err(out, ref) <= TOL
+    assert rel_err(base, ref) > 100 * TOL  # the adapter matters
+    for layer in m.modules():  # scale 0.5: peft's set_scale on every LoRA layer
+        if hasattr(layer, "set_scale") and hasattr(layer, "lora_A"):
+            layer.set_scale("default", 0.5)
+    out_half, _ = _jax_out(module, apply_lora(params, lora, scale=0.5))
+    assert rel_err(out_half, _torch_unet(m, x, 0.7, ehs, ids)) <= TOL
+
+
+def test_diffusers_single_file_and_two_adapters(unet, tmp_path):
+    model, module, params = unet
+    c1 = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"])
+    c2 = LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_out.0", "proj_in"])
+    m = _with_peft(model, c1, seed=1, name="one")
+    m = inject_adapter_in_model(c2, m, adapter_name="two")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_" in n and ".two." in n:
+                p.copy_(0.06 * torch.randn(p.shape, generator=g))
+    # adapter one as a diffusers file with the older lora.down/up names and per-module alphas
+    st = get_peft_model_state_dict(m, adapter_name="one")
+    dif = {}
+    for k, v in st.items():
+        mod = k.replace(".lora_A.weight", "").replace(".lora_B.weight", "")
+        dif["unet." + k.replace("lora_A.weight", "lora.down.weight").replace("lora_B.weight", "lora.up.weight")] = \
+            v.numpy()
+        dif[f"unet.{mod}.alpha"] = np.array(8.0, np.float32)
+    save_file(dif, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    one = load_lora(tmp_path)
+    two = load_lora(_peft_folder(m, c2, tmp_path / "two", name="two"))
+    for layer in m.modules():
+        if hasattr(layer, "set_adapter") and hasattr(layer, "lora_A"):
+            layer.set_adapter(["one", "two"])
+            layer.set_scale("one", 1.0)
+            layer.set_scale("two", 0.5)
+    out, (x, ehs, ids) = _jax_out(module, apply_lora(params, [one, two], scale=[1.0, 0.5]))
+    assert rel_err(out, _torch_unet(m, x, 0.7, ehs, ids)) <= TOL
+
+
+def test_save_lora_loads_in_peft(unet, tmp_path):
+    model, module, params = unet
+    config = LoraConfig(**CONFIG)
+    lora = load_lora(_peft_folder(_with_peft(model, config, seed=4), config, tmp_path / "src"))
+    folder = save_lora(lora, tmp_path / "out")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    state = _read(folder / "adapter_model.safetensors")
+    fresh = inject_adapter_in_model(LoraConfig(**{k: cfg[k] for k in ("r", "lora_alpha", "target_modules",
+                                                                        "rank_pattern", "alpha_pattern",
+                                                                        "use_rslora")}), copy.deepcopy(model))
+    res = set_peft_model_state_dict(fresh, {k.removeprefix("base_model.model."): torch.from_numpy(v)
+                                            for k, v in state.items()})
+    assert not [k for k in res.unexpected_keys if "lora" in k]
+    out, (x, ehs, ids) = _jax_out(module, apply_lora(params, lora))
+    assert rel_err(out, _torch_unet(fresh, x, 0.7, ehs, ids)) <= TOL
+    again = load_lora(folder)  # and back: identical tensors and scalings
+    assert sorted(again.weights) == sorted(lora.weights)
+    for k in lora.weights:
+        assert again.scaling(k) == lora.scaling(k)
+        assert all(np.array_equal(u, v) for u, v in zip(again.weights[k], lora.weights[k]))
+
+
+def _read(path):
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def test_apply_lora_keeps_the_tree_and_unadapted_leaves(unet):
+    _, _, params = unet
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    k = params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, k.shape[0])).astype(np.float32), rng.normal(size=(k.shape[1], 2)).astype(np.float32)
+    out = apply_lora(params, LoRA({name: (a, b)}, {name: 4.0}))
+    assert jax.tree.structure(out) == jax.tree.structure(params)
+    new = out["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
+    np.testing.assert_allclose(np.asarray(new), np.asarray(k) + 2.0 * (b @ a).T, rtol=1e-5, atol=1e-6)
+    assert out["conv_in"]["kernel"] is params["conv_in"]["kernel"]
+    # the scale may be traced: one compile serves every scale
+    f = jax.jit(lambda p, s: apply_lora(p, LoRA({name: (a, b)}, {name: 4.0}), scale=s))
+    f(params, 0.5), f(params, 0.25)
+    assert f._cache_size() == 1
+
+
+def test_bad_adapters_are_refused(unet, tmp_path):
+    _, _, params = unet
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    k = params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
+    a, b = np.ones((2, k.shape[0]), np.float32), np.ones((k.shape[1], 2), np.float32)
+    with pytest.raises(LoRAError, match="not a linear layer of this UNet"):
+        apply_lora(params, LoRA({"down_blocks.9.attn1.to_q": (a, b)}, {"down_blocks.9.attn1.to_q": 1.0}))
+    with pytest.raises(LoRAError, match="do not fit"):
+        apply_lora(params, LoRA({name: (a[:, :-1], b)}, {name: 1.0}))
+    save_file({"conv.weight": np.ones((2, 2), np.float32)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(LoRAError, match="not a LoRA tensor"):
+        load_lora(tmp_path / "x.safetensors")
+    (tmp_path / "p").mkdir()
+    save_file({f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b},
+              str(tmp_path / "p" / "adapter_model.safetensors"))
+    with pytest.raises(LoRAError, match="adapter_config.json"):
+        load_lora(tmp_path / "p")
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 4}))
+    with pytest.raises(LoRAError, match="rank 2 but"):
+        load_lora(tmp_path / "p")
+    (tmp_path / "t.safetensors").write_bytes(b"\x00\x01truncated")
+    with pytest.raises(LoRAError, match="not a readable safetensors"):
+        load_lora(tmp_path / "t.safetensors")
+    with pytest.raises(LoRAError, match="does not exist"):
+        load_lora(tmp_path / "missing")
