@@ -40,6 +40,9 @@ SUBS = [
     (r"max_steps=1000\b", "max_steps=2"),
     (r"--save-every 500\b", "--save-every 1"),
     (r"warmup_steps=100\b", "warmup_steps=1"),
+    # LoRA: an adapter for the tiny UNet, written by the workdir fixture
+    (r"\bmy_lora/", "{work}/my_lora/"),
+    (r"\bout_lora/", "{work}/out_lora/"),
 ]
 SMALL_CLI = " --height 64 --width 96 --steps 2"
 
@@ -84,7 +87,26 @@ def workdir(tmp_path_factory):
     PIL.Image.fromarray((rng.random((300, 400, 3)) * 255).astype(np.uint8)).save(work / "photo.png")
     for v in range(2):  # the fine-tuning examples' clips/
         write_video(work / "clips" / f"clip{v}.mp4", (rng.random((6, 40, 72, 3)) * 255).astype(np.uint8))
+    _write_tiny_lora(tiny, work / "my_lora", rng)
     return work, tiny
+
+
+def _write_tiny_lora(tiny: Path, folder: Path, rng) -> None:
+    """A rank-2 peft adapter on every to_q of the tiny UNet (the README's my_lora/)."""
+    from flax import traverse_util
+
+    from svd_jax.lora import LoRA, save_lora
+    from svd_jax.models import UNetSpatioTemporalConditionModel
+    from svd_jax.weights.torch_layout import path_to_torch_name
+
+    _, params = UNetSpatioTemporalConditionModel.from_pretrained(tiny, subfolder="unet")
+    weights = {}
+    for path, v in traverse_util.flatten_dict(params).items():
+        if path[-2:] == ("to_q", "kernel"):
+            name = path_to_torch_name(path, 2)[0].removesuffix(".weight")
+            weights[name] = (rng.normal(size=(2, v.shape[0])).astype(np.float32) * 0.05,
+                             rng.normal(size=(v.shape[1], 2)).astype(np.float32) * 0.05)
+    save_lora(LoRA(weights, dict.fromkeys(weights, 4.0)), folder)
 
 
 def _env(tiny: Path, xla_flags: str) -> dict:
