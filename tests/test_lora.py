@@ -181,3 +181,38 @@ def test_bad_adapters_are_refused(unet, tmp_path):
         load_lora(tmp_path / "t.safetensors")
     with pytest.raises(LoRAError, match="does not exist"):
         load_lora(tmp_path / "missing")
+
+
+def test_pipeline_with_lora_equals_diffusers_with_peft(tiny_pipeline, tmp_path):
+    """pipe.load_lora_weights: the video equals diffusers' pipeline whose UNet carries the same peft adapter;
+    set_adapters changes the weight without recompiling; unload restores the base params exactly."""
+    from test_pipeline import F, H, W, _image, _reference
+
+    from svd_jax import StableVideoDiffusionPipeline
+
+    ref, folder = tiny_pipeline
+    pipe = StableVideoDiffusionPipeline.from_pretrained(folder)
+    base = pipe.params["unet"]
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v", "to_out.0"])
+    ref2 = copy.deepcopy(ref)
+    ref2.unet = _with_peft(ref.unet, config, seed=5)
+    name = pipe.load_lora_weights(_peft_folder(ref2.unet, config, tmp_path / "a"), scale=1.0)
+    image = _image()
+    latents = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (1, F, H // 8, W // 8, 4)))
+    kw = dict(num_inference_steps=2)
+    run = lambda: pipe(image, height=H, width=W, num_frames=F, seed=5, latents=latents, output_type="np",
+                       **kw).frames
+    out = run()
+    assert rel_err(out, _reference(ref2, image, 5, latents, **kw)) <= TOL
+    count = pipe.trace_count
+    pipe.set_adapters(name, 0.5)
+    for layer in ref2.unet.modules():
+        if hasattr(layer, "set_scale") and hasattr(layer, "lora_A"):
+            layer.set_scale("default", 0.5)
+    assert rel_err(run(), _reference(ref2, image, 5, latents, **kw)) <= TOL
+    assert pipe.trace_count == count  # a new weight is new values, not a new program
+    pipe.unload_lora_weights()
+    assert pipe.params["unet"] is base
+    assert rel_err(run(), _reference(ref, image, 5, latents, **kw)) <= TOL
+    with pytest.raises(LoRAError, match="unknown adapters"):
+        pipe.set_adapters("nope")

@@ -268,6 +268,57 @@ class StableVideoDiffusionPipeline:
         self._compiled[key] = compiled = lowered.compile()
         return compiled
 
+    # LoRA adapters (svd_jax/lora.py): fused into a copy of the UNet params, so a generation costs the same as
+    # without one; the base params are kept and restored exactly. Values change, shapes do not: no recompile.
+    def load_lora_weights(self, path_or_repo, adapter_name: str | None = None, scale: float = 1.0,
+                          weight_name: str | None = None, subfolder: str | None = None) -> str:
+        """Load a LoRA (peft folder, diffusers-style file or hub repo id; :func:`svd_jax.lora.load_lora`) and use
+        it in the next calls, beside the adapters already loaded, with weight ``scale``. Returns its name
+        (``adapter_name``, default ``"adapter_<n>"``). An adapter that does not fit the UNet raises
+        ``LoRAError`` and changes nothing."""
+        from ..lora import LoRAError, load_lora
+
+        lora = load_lora(path_or_repo, weight_name=weight_name, subfolder=subfolder)
+        adapters = getattr(self, "_lora_adapters", {})
+        name = adapter_name or f"adapter_{len(adapters)}"
+        if name in adapters:
+            raise LoRAError(f"an adapter named {name!r} is loaded already; unload_lora_weights() or another name")
+        active = dict(getattr(self, "_lora_active", {}), **{name: scale})
+        self._fuse({**adapters, name: lora}, active)
+        return name
+
+    def set_adapters(self, adapter_names, weights=None) -> None:
+        """Use only ``adapter_names`` (a name or a list), with ``weights`` (one float, or one per adapter;
+        default 1.0)."""
+        from ..lora import LoRAError
+
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = [1.0] * len(names) if weights is None else weights
+        weights = [weights] * len(names) if isinstance(weights, (int, float)) else list(weights)
+        adapters = getattr(self, "_lora_adapters", {})
+        unknown = [n for n in names if n not in adapters]
+        if unknown or len(weights) != len(names):
+            raise LoRAError(f"set_adapters: unknown adapters {unknown} (loaded: {sorted(adapters)})" if unknown else
+                            f"set_adapters: {len(weights)} weights for {len(names)} adapters")
+        self._fuse(adapters, dict(zip(names, weights)))
+
+    def unload_lora_weights(self) -> None:
+        """Drop every adapter: the UNet params become the base params again (the same arrays)."""
+        base = getattr(self, "_lora_base", None)
+        if base is not None:
+            self.params = {**self.params, "unet": base}
+        self._lora_base, self._lora_adapters, self._lora_active = None, {}, {}
+
+    def _fuse(self, adapters, active) -> None:
+        from ..lora import apply_lora
+
+        base = getattr(self, "_lora_base", None)
+        base = self.params["unet"] if base is None else base
+        names = list(active)
+        fused = apply_lora(base, [adapters[n] for n in names], [active[n] for n in names]) if names else base
+        self.params = {**self.params, "unet": fused}
+        self._lora_base, self._lora_adapters, self._lora_active = base, adapters, active
+
     def _lower(self, images, image_size, cfg, kwargs):
         """(jax.stages.Lowered, program key) for lower() / compile()."""
         kwargs = dict(kwargs)
