@@ -104,6 +104,7 @@ def test_train_refuses_bad_input_before_loading(tiny_pipeline, videos, tmp_path,
     assert not (tmp_path / "o").exists()  # nothing written
 
 
+@pytest.mark.slow  # > 1 min on 2 cores; CI runs it after the README command
 def test_resume_with_other_settings_is_refused(tiny_pipeline, videos, tmp_path, capsys):
     base, out = tiny_pipeline[1], tmp_path / "run"
     assert main(_args(base, videos, out, 2, "--no-export")) == 0

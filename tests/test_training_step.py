@@ -200,6 +200,7 @@ def test_remat_policies_give_the_same_gradients(jax_pipe):
         assert saved[less] < saved[more], (less, saved[less], more, saved[more])
 
 
+@pytest.mark.slow  # > 1 min on 2 cores; CI runs it after the README command
 def test_temporal_training_touches_only_temporal_layers(jax_pipe):
     """trainable="temporal": exactly the temporal layers train; after two steps every other weight is
     bit-identical and has no optimizer state or gradient accumulator; EMA follows the updates."""

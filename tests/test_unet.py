@@ -72,6 +72,7 @@ def test_batch_items_are_independent_and_conditioned(tiny_unet):
     assert float(jnp.abs(swapped - one).max()) > 1e-3
 
 
+@pytest.mark.slow  # > 1 min on 2 cores; CI runs it after the README command
 @pytest.mark.parametrize("chunk_size,chunk_dim", [(3, 0), (1, 1)])
 def test_forward_chunking_equals_unchunked(tiny_unet, chunk_size, chunk_dim):
     model, module, params, folder = tiny_unet
