@@ -22,9 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,7 +32,6 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_PREFIX = "base_model.model."
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class LoRAError(ValueError):
@@ -121,31 +118,28 @@ def _collect(tensors: Mapping[str, np.ndarray], prefix: str, source: str) -> tup
 
 
 def _resolve(path, weight_name, subfolder) -> Path:
-    """A local file or folder, or a hub repo id fetched through huggingface_hub (its file only)."""
-    p = Path(path)
-    if subfolder:
-        p = p / subfolder
-    if p.exists():
-        return p / weight_name if weight_name and p.is_dir() else p
-    if Path(path).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-        raise LoRAError(f"LoRA path {p} does not exist (nor is {str(path)!r} a hub repo id 'owner/name')")
-    from huggingface_hub import hf_hub_download
+    """The adapter's weights file: ``path`` itself when it is a file, else looked up in a local folder or a hub
+    repo through the models' file lookup (:class:`svd_jax.weights.locate.Source`), a peft config beside it
+    fetched too where there is one."""
+    from .weights.errors import CheckpointError
+    from .weights.locate import Source
 
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    try:
+        src = Source(path)
+    except CheckpointError as e:
+        raise LoRAError(f"LoRA path {path} does not exist ({e})") from None
+    prefix = f"{subfolder}/" if subfolder else ""
     names = [weight_name] if weight_name else [PEFT_WEIGHTS, DIFFUSERS_WEIGHTS]
-    last = None
     for name in names:
-        try:
-            file = Path(hf_hub_download(str(path), name, subfolder=subfolder))
-        except Exception as e:  # noqa: BLE001 - the hub's errors differ by version; the message says which
-            last = e
-            continue
-        if name == PEFT_WEIGHTS:
-            try:
-                hf_hub_download(str(path), PEFT_CONFIG, subfolder=subfolder)
-            except Exception as e:  # noqa: BLE001
-                raise LoRAError(f"hub repo {path}: {PEFT_WEIGHTS} without {PEFT_CONFIG} ({e})") from None
-        return file
-    raise LoRAError(f"hub repo {path}: found none of {names} ({last})")
+        file = src.file(prefix + name)
+        if file is not None:
+            src.file(prefix + PEFT_CONFIG)  # a hub repo's config lands beside the weights in the cache
+            return file
+    raise LoRAError(f"{src.describe()}/{prefix}: holds none of {names}"
+                    f"{'' if weight_name else f' (a peft folder is {PEFT_WEIGHTS} + {PEFT_CONFIG})'}")
 
 
 def load_lora(path, weight_name: str | None = None, subfolder: str | None = None) -> LoRA:
@@ -161,13 +155,6 @@ def load_lora(path, weight_name: str | None = None, subfolder: str | None = None
       a :class:`LoRA` (A (r, in), B (out, r) per module).
     """
     p = _resolve(path, weight_name, subfolder)
-    if p.is_dir():
-        if (p / PEFT_WEIGHTS).exists():
-            p = p / PEFT_WEIGHTS
-        elif (p / DIFFUSERS_WEIGHTS).exists():
-            p = p / DIFFUSERS_WEIGHTS
-        else:
-            raise LoRAError(f"{p}: holds neither {PEFT_WEIGHTS} (+ {PEFT_CONFIG}) nor {DIFFUSERS_WEIGHTS}")
     tensors = _read_safetensors(p)
     config_file = p.parent / PEFT_CONFIG
     if any(k.startswith("unet.") for k in tensors):  # diffusers naming
@@ -254,13 +241,6 @@ def apply_lora(unet_params, lora: LoRA | list, scale=1.0):
     return {"params": out} if wrapped else out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def save_lora(lora: LoRA, directory, base_model_name_or_path: str | None = None) -> Path:
     """Write ``lora`` as a peft folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (keys
     ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``, as ``PeftModel.save_pretrained``).
@@ -268,7 +248,9 @@ def save_lora(lora: LoRA, directory, base_model_name_or_path: str | None = None)
     Ranks and alphas that differ between modules go to ``rank_pattern`` / ``alpha_pattern`` under the full
     module names. Each file is written atomically. Returns the folder.
     """
-    from safetensors.numpy import save
+    from safetensors.numpy import save_file
+
+    from .training.export import _atomic_file, _write_json_atomic  # temporary sibling, os.replace, cleanup
 
     if not lora.weights:
         raise LoRAError("save_lora: the adapter has no modules")
@@ -288,6 +270,6 @@ def save_lora(lora: LoRA, directory, base_model_name_or_path: str | None = None)
         a, b = lora.weights[m]
         tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = np.ascontiguousarray(a, np.float32)
         tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = np.ascontiguousarray(b, np.float32)
-    _atomic_write(d / PEFT_WEIGHTS, save(tensors, metadata={"format": "pt"}))
-    _atomic_write(d / PEFT_CONFIG, json.dumps(config, indent=2).encode())
+    _atomic_file(d / PEFT_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    _write_json_atomic(d / PEFT_CONFIG, config)
     return d

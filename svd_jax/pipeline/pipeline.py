@@ -106,6 +106,8 @@ class StableVideoDiffusionPipeline:
                                static_argnames=("config",))
         self._compiled = {}  # programs built by compile(), by _program_key: calls with that key run them
         self.trace_count = 0  # how many times the generation was traced (compiled); for tests and users
+        # LoRA: the UNet params before any adapter (None: none fused), the loaded adapters, the active weights
+        self._lora_base, self._lora_adapters, self._lora_active = None, {}, {}
 
     @property
     def attention(self) -> str:
@@ -279,11 +281,11 @@ class StableVideoDiffusionPipeline:
         from ..lora import LoRAError, load_lora
 
         lora = load_lora(path_or_repo, weight_name=weight_name, subfolder=subfolder)
-        adapters = getattr(self, "_lora_adapters", {})
+        adapters = self._lora_adapters
         name = adapter_name or f"adapter_{len(adapters)}"
         if name in adapters:
             raise LoRAError(f"an adapter named {name!r} is loaded already; unload_lora_weights() or another name")
-        active = dict(getattr(self, "_lora_active", {}), **{name: scale})
+        active = {**self._lora_active, name: scale}
         self._fuse({**adapters, name: lora}, active)
         return name
 
@@ -295,7 +297,7 @@ class StableVideoDiffusionPipeline:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         weights = [1.0] * len(names) if weights is None else weights
         weights = [weights] * len(names) if isinstance(weights, (int, float)) else list(weights)
-        adapters = getattr(self, "_lora_adapters", {})
+        adapters = self._lora_adapters
         unknown = [n for n in names if n not in adapters]
         if unknown or len(weights) != len(names):
             raise LoRAError(f"set_adapters: unknown adapters {unknown} (loaded: {sorted(adapters)})" if unknown else
@@ -304,16 +306,14 @@ class StableVideoDiffusionPipeline:
 
     def unload_lora_weights(self) -> None:
         """Drop every adapter: the UNet params become the base params again (the same arrays)."""
-        base = getattr(self, "_lora_base", None)
-        if base is not None:
-            self.params = {**self.params, "unet": base}
+        if self._lora_base is not None:
+            self.params = {**self.params, "unet": self._lora_base}
         self._lora_base, self._lora_adapters, self._lora_active = None, {}, {}
 
     def _fuse(self, adapters, active) -> None:
         from ..lora import apply_lora
 
-        base = getattr(self, "_lora_base", None)
-        base = self.params["unet"] if base is None else base
+        base = self.params["unet"] if self._lora_base is None else self._lora_base
         names = list(active)
         fused = apply_lora(base, [adapters[n] for n in names], [active[n] for n in names]) if names else base
         self.params = {**self.params, "unet": fused}
