@@ -32,6 +32,8 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_PREFIX = "base_model.model."
+# peft's usual SVD targets: the projections of every spatial and temporal attention
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class LoRAError(ValueError):
@@ -181,7 +183,7 @@ def load_lora(path, weight_name: str | None = None, subfolder: str | None = None
     return LoRA(weights, alphas, bool(cfg.get("use_rslora", False)))
 
 
-def _kernel_keys(flat_params: Mapping[str, object]) -> dict[str, tuple]:
+def _kernel_keys(flat_params: Mapping[tuple, object]) -> dict[str, tuple]:
     """diffusers module name -> Flax path of its linear kernel (2-D), for every linear layer of the params."""
     from .weights.torch_layout import path_to_torch_name
 
@@ -191,6 +193,91 @@ def _kernel_keys(flat_params: Mapping[str, object]) -> dict[str, tuple]:
             name = path_to_torch_name(path, 2)[0]
             out[name[: -len(".weight")]] = path
     return out
+
+
+def linear_modules(unet_params) -> dict[str, tuple[int, int]]:
+    """{diffusers module name: (in, out)} of every linear layer of the UNet params (nested, or a
+    ``{"params": ...}`` wrapper; concrete or ``jax.ShapeDtypeStruct`` leaves)."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(_unwrap(unet_params)[0])
+    return {m: tuple(np.shape(flat[p])) for m, p in _kernel_keys(flat).items()}
+
+
+def target_modules(unet_params, targets=DEFAULT_TARGETS) -> list[str]:
+    """The linear layers an adapter with peft's ``target_modules=targets`` covers: a module named ``t`` or
+    ending in ``.t`` for some ``t`` in ``targets`` (``"to_q"``, ``"to_out.0"``, ``"ff.net.2"``, ``"proj_in"``,
+    ``"time_embedding.linear_1"``, ...). An empty selection or a target matching nothing is an error."""
+    modules = linear_modules(unet_params)
+    if isinstance(targets, str) or not targets:
+        raise LoRAError(f"LoRA targets must be a non-empty list of module names, e.g. {list(DEFAULT_TARGETS)}; "
+                        f"got {targets!r}")
+    hits = {t: [m for m in modules if m == t or m.endswith("." + t)] for t in targets}
+    unmatched = [t for t, ms in hits.items() if not ms]
+    if unmatched:
+        ends = sorted({m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1] if m.split(".")[-1].isdigit()
+                       else m.rsplit(".", 1)[-1] for m in modules})
+        raise LoRAError(f"LoRA targets {unmatched} match no linear layer of this UNet (its layer names end in "
+                        f"{', '.join(ends[:24])}{', ...' if len(ends) > 24 else ''})")
+    return sorted({m for ms in hits.values() for m in ms})
+
+
+def _unwrap(unet_params):
+    """(the nested params, whether they came wrapped in ``{"params": ...}``)."""
+    wrapped = isinstance(unet_params, Mapping) and set(unet_params) == {"params"}
+    return (unet_params["params"] if wrapped else unet_params), wrapped
+
+
+def check_fits(unet_params, lora: LoRA) -> None:
+    """LoRAError unless every module of ``lora`` is a linear layer of the UNet with the adapter's shapes."""
+    modules = linear_modules(unet_params)
+    for m, (a, b) in lora.weights.items():
+        if m not in modules:
+            near = sorted(k for k in modules if k.rsplit(".", 1)[-1] == m.rsplit(".", 1)[-1])[:3]
+            raise LoRAError(f"adapter module {m!r} is not a linear layer of this UNet"
+                            f"{' (e.g. ' + ', '.join(near) + ')' if near else ''}: an adapter for another "
+                            f"model?")
+        kin, kout = modules[m]
+        if a.shape[1] != kin or b.shape[0] != kout:
+            raise LoRAError(f"adapter module {m!r}: lora_A {a.shape} / lora_B {b.shape} do not fit the layer's "
+                            f"weight ({kout}, {kin})")
+
+
+def factors(lora: LoRA, scale=1.0) -> dict:
+    """The adapter as arrays for a compiled program: ``{"A": {module: (r, in)}, "B": {module: (out, r)},
+    "scale": {module: () float32}}`` with scale = ``scale`` * alpha / r (a traced ``scale`` stays traced).
+    Values, not shapes, carry the weight: a new ``scale`` does not retrace a program taking them."""
+    import jax.numpy as jnp
+
+    return {"A": {m: jnp.asarray(a, jnp.float32) for m, (a, _) in lora.weights.items()},
+            "B": {m: jnp.asarray(b, jnp.float32) for m, (_, b) in lora.weights.items()},
+            "scale": {m: jnp.asarray(scale, jnp.float32) * lora.scaling(m) for m in lora.weights}}
+
+
+def fuse(unet_params, adapters) -> dict:
+    """``unet_params`` with each adapter of ``adapters`` (a list of :func:`factors` dicts) added to its layers'
+    kernels: ``kernel + scale * (B @ A)ᵀ``, summed over adapters, in float32 (HIGHEST matmul precision, so a TPU
+    does not round the product to bfloat16), cast back to the kernel's dtype. Traceable: under ``jit`` this is
+    the unfused adapter applied inside the program (and differentiable in the factors, which LoRA training
+    uses). Modules are not checked here (:func:`check_fits`)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    tree, wrapped = _unwrap(unet_params)
+    flat = traverse_util.flatten_dict(tree)
+    keys = _kernel_keys(flat)
+    deltas: dict[tuple, object] = {}
+    for ad in adapters:
+        for m, a in ad["A"].items():
+            d = ad["scale"][m] * jnp.matmul(jnp.asarray(a, jnp.float32).T, jnp.asarray(ad["B"][m], jnp.float32).T,
+                                            precision=jax.lax.Precision.HIGHEST)
+            deltas[keys[m]] = d if keys[m] not in deltas else deltas[keys[m]] + d
+    for path, d in deltas.items():
+        k = flat[path]
+        flat[path] = (jnp.asarray(k, jnp.float32) + d).astype(k.dtype)
+    out = traverse_util.unflatten_dict(flat)
+    return {"params": out} if wrapped else out
 
 
 def apply_lora(unet_params, lora: LoRA | list, scale=1.0):
@@ -203,42 +290,25 @@ def apply_lora(unet_params, lora: LoRA | list, scale=1.0):
       scale: a float, or one per adapter; may be a traced scalar (no retrace when it changes under jit).
 
     Returns:
-      the same tree as ``unet_params``; every leaf not adapted is the input leaf itself.
+      the same tree as ``unet_params``; every leaf not adapted is the input leaf itself, every adapted one has
+      its kernel's dtype and, for a ``jax.Array`` on a mesh, its sharding (an adapter shards like its base
+      weight).
 
     Raises LoRAError before changing anything if a module is not a linear layer of this UNet or a shape differs.
     """
-    import jax.numpy as jnp
-    from flax import traverse_util
+    import jax
 
     loras = list(lora) if isinstance(lora, (list, tuple)) else [lora]
     scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(loras)
     if len(scales) != len(loras):
         raise LoRAError(f"{len(scales)} scales for {len(loras)} adapters")
-    wrapped = isinstance(unet_params, Mapping) and set(unet_params) == {"params"}
-    tree = unet_params["params"] if wrapped else unet_params
-    flat = traverse_util.flatten_dict(tree)
-    keys = _kernel_keys(flat)
-    deltas: dict[tuple, list] = {}
     for ad in loras:
-        for m, (a, b) in ad.weights.items():
-            if m not in keys:
-                near = sorted(k for k in keys if k.rsplit(".", 1)[-1] == m.rsplit(".", 1)[-1])[:3]
-                raise LoRAError(f"adapter module {m!r} is not a linear layer of this UNet"
-                                f"{' (e.g. ' + ', '.join(near) + ')' if near else ''}: an adapter for another "
-                                f"model?")
-            kin, kout = flat[keys[m]].shape
-            if a.shape[1] != kin or b.shape[0] != kout:
-                raise LoRAError(f"adapter module {m!r}: lora_A {a.shape} / lora_B {b.shape} do not fit the layer's "
-                                f"weight ({kout}, {kin})")
-    for ad, s in zip(loras, scales):
-        for m in ad.weights:
-            deltas.setdefault(keys[m], []).append((ad.delta(m).T, s))
-    for path, parts in deltas.items():
-        k = flat[path]
-        total = sum(jnp.asarray(d) * jnp.asarray(s, jnp.float32) for d, s in parts)
-        flat[path] = (jnp.asarray(k, jnp.float32) + total).astype(k.dtype)
-    out = traverse_util.unflatten_dict(flat)
-    return {"params": out} if wrapped else out
+        check_fits(unet_params, ad)
+    out = fuse(unet_params, [factors(ad, s) for ad, s in zip(loras, scales)])
+    # eager on a mesh: keep each fused kernel where its base kernel was (XLA may pick another layout)
+    return jax.tree.map(lambda new, old: jax.device_put(new, old.sharding)
+                        if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer)
+                        and new is not old and len(old.sharding.device_set) > 1 else new, out, unet_params)
 
 
 def save_lora(lora: LoRA, directory, base_model_name_or_path: str | None = None) -> Path:

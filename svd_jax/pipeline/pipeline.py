@@ -108,6 +108,7 @@ class StableVideoDiffusionPipeline:
         self.trace_count = 0  # how many times the generation was traced (compiled); for tests and users
         # LoRA: the UNet params before any adapter (None: none fused), the loaded adapters, the active weights
         self._lora_base, self._lora_adapters, self._lora_active = None, {}, {}
+        self._lora_fused = True  # fuse_lora() / unfuse_lora()
 
     @property
     def attention(self) -> str:
@@ -181,11 +182,12 @@ class StableVideoDiffusionPipeline:
 
     def _program(self, params, inputs, *, config):
         self.trace_count += 1
-        return stages.generate(self.modules, params, inputs, config)
+        return stages.generate(self.modules, _with_unfused_lora(params), inputs, config)
 
     def _step_program(self, params, cond, lat, i, sigmas, timesteps, *, config):
         unet = stages.with_options(self.unet, config.model)
-        return stages.denoise_step(unet, params["unet"], cond, lat, i, sigmas, timesteps, config)
+        return stages.denoise_step(unet, _with_unfused_lora(params)["unet"], cond, lat, i, sigmas, timesteps,
+                                   config)
 
     def _run_stepwise(self, inputs, config):
         """The generation with a progress bar: begin, one program call per step (the bar advances as each
@@ -270,23 +272,25 @@ class StableVideoDiffusionPipeline:
         self._compiled[key] = compiled = lowered.compile()
         return compiled
 
-    # LoRA adapters (svd_jax/lora.py): fused into a copy of the UNet params, so a generation costs the same as
-    # without one; the base params are kept and restored exactly. Values change, shapes do not: no recompile.
+    # LoRA adapters (svd_jax/lora.py). Fused (the default): added into a copy of the UNet params, so a denoising
+    # step costs the same as without one. Unfused: the base params stay as they are and the program adds the
+    # adapters' factors itself at its start. Either way the base params are kept and restored exactly, and a new
+    # weight is new values, not new shapes: no recompile.
     def load_lora_weights(self, path_or_repo, adapter_name: str | None = None, scale: float = 1.0,
                           weight_name: str | None = None, subfolder: str | None = None) -> str:
         """Load a LoRA (peft folder, diffusers-style file or hub repo id; :func:`svd_jax.lora.load_lora`) and use
         it in the next calls, beside the adapters already loaded, with weight ``scale``. Returns its name
         (``adapter_name``, default ``"adapter_<n>"``). An adapter that does not fit the UNet raises
         ``LoRAError`` and changes nothing."""
-        from ..lora import LoRAError, load_lora
+        from ..lora import LoRAError, check_fits, load_lora
 
         lora = load_lora(path_or_repo, weight_name=weight_name, subfolder=subfolder)
         adapters = self._lora_adapters
         name = adapter_name or f"adapter_{len(adapters)}"
         if name in adapters:
             raise LoRAError(f"an adapter named {name!r} is loaded already; unload_lora_weights() or another name")
-        active = {**self._lora_active, name: scale}
-        self._fuse({**adapters, name: lora}, active)
+        check_fits(self._lora_base if self._lora_base is not None else self.params["unet"], lora)
+        self._apply_adapters({**adapters, name: lora}, {**self._lora_active, name: scale})
         return name
 
     def set_adapters(self, adapter_names, weights=None) -> None:
@@ -302,21 +306,56 @@ class StableVideoDiffusionPipeline:
         if unknown or len(weights) != len(names):
             raise LoRAError(f"set_adapters: unknown adapters {unknown} (loaded: {sorted(adapters)})" if unknown else
                             f"set_adapters: {len(weights)} weights for {len(names)} adapters")
-        self._fuse(adapters, dict(zip(names, weights)))
+        self._apply_adapters(adapters, dict(zip(names, weights)))
+
+    def fuse_lora(self) -> None:
+        """Fuse the active adapters into a copy of the UNet params (the default after ``load_lora_weights``):
+        zero cost per denoising step; a new weight re-fuses on the device (no recompile)."""
+        self._require_adapters("fuse_lora")
+        self._lora_fused = True
+        self._apply_adapters(self._lora_adapters, self._lora_active)
+
+    def unfuse_lora(self) -> None:
+        """Keep the base UNet params as they are and pass the active adapters' factors (A, B, weight x alpha / r)
+        to the program, which adds ``weight * (alpha/r) * B @ A`` to each adapted kernel once per call, before
+        its denoising loop (and once per step in the step-by-step program of ``progress=True``). A new weight is
+        a new value for the same program. The first call after switching compiles once (the inputs differ)."""
+        self._require_adapters("unfuse_lora")
+        self._lora_fused = False
+        self._apply_adapters(self._lora_adapters, self._lora_active)
 
     def unload_lora_weights(self) -> None:
         """Drop every adapter: the UNet params become the base params again (the same arrays)."""
+        params = {k: v for k, v in self.params.items() if k != "lora"}
         if self._lora_base is not None:
-            self.params = {**self.params, "unet": self._lora_base}
-        self._lora_base, self._lora_adapters, self._lora_active = None, {}, {}
+            params["unet"] = self._lora_base
+        self.params = params
+        self._lora_base, self._lora_adapters, self._lora_active, self._lora_fused = None, {}, {}, True
 
-    def _fuse(self, adapters, active) -> None:
-        from ..lora import apply_lora
+    def _require_adapters(self, what: str) -> None:
+        from ..lora import LoRAError
+
+        if not self._lora_adapters:
+            raise LoRAError(f"{what}: no adapter is loaded (load_lora_weights first)")
+
+    def _apply_adapters(self, adapters, active) -> None:
+        """The params for ``active`` ({name: weight}) of ``adapters``: fused into the UNet's kernels, or (unfused)
+        the base kernels plus ``params["lora"]``, a list of :func:`svd_jax.lora.factors` per active adapter
+        (placed like their base weights on a mesh)."""
+        from ..lora import apply_lora, factors
 
         base = self.params["unet"] if self._lora_base is None else self._lora_base
         names = list(active)
-        fused = apply_lora(base, [adapters[n] for n in names], [active[n] for n in names]) if names else base
-        self.params = {**self.params, "unet": fused}
+        params = {k: v for k, v in self.params.items() if k != "lora"}
+        if self._lora_fused or not names:
+            params["unet"] = apply_lora(base, [adapters[n] for n in names], [active[n] for n in names]) \
+                if names else base
+        else:
+            lora = [factors(adapters[n], active[n]) for n in names]
+            if self.partitioner is not None:
+                lora = jax.tree.map(lambda x: jax.device_put(x, self.partitioner.param_sharding(x.shape)), lora)
+            params["unet"], params["lora"] = base, lora
+        self.params = params
         self._lora_base, self._lora_adapters, self._lora_active = base, adapters, active
 
     def _lower(self, images, image_size, cfg, kwargs):
@@ -336,6 +375,16 @@ class StableVideoDiffusionPipeline:
         dtypes (the input shardings follow from the shapes and the pipeline's mesh)."""
         sig = lambda a: (tuple(np.shape(a)), str(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype))
         return config, inputs.signature(), tuple(sig(p) for p in jax.tree_util.tree_leaves(self.params))
+
+
+def _with_unfused_lora(params: dict) -> dict:
+    """Inside a program: the UNet params with ``params["lora"]`` (unfused adapters' factors) added, if any."""
+    if "lora" not in params:
+        return params
+    from ..lora import fuse
+
+    rest = {k: v for k, v in params.items() if k != "lora"}
+    return {**rest, "unet": fuse(params["unet"], params["lora"])}
 
 
 def _check_finite(finite: bool, dtype) -> None:
