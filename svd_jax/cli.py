@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-aug-strength", type=float, default=0.02, help="noise added to the conditioning image")
     g.add_argument("--decode-chunk-size", type=int, default=None, help="frames decoded at once (default: all)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA adapter (peft folder, diffusers-style .safetensors file or hub repo id) fused with "
+                        "weight SCALE (default 1); repeat for several")
     g.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
     g.add_argument("--debug", action="store_true", help=f"show tracebacks (also ${DEBUG_ENV}=1)")
     t = sub.add_parser("make-tiny", help="write a tiny random SVD checkpoint (hub layout) to DIR",
@@ -113,8 +116,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm clipping (<= 0: off)")
     p.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches averaged per update")
     p.add_argument("--ema-decay", type=float, default=None, help="keep (and export) an EMA of the weights")
-    p.add_argument("--trainable", default="full", choices=["full", "temporal"],
-                   help="what trains: the whole UNet or its temporal layers")
+    p.add_argument("--trainable", default="full", choices=["full", "temporal", "lora"],
+                   help="what trains: the whole UNet, its temporal layers, or a new LoRA adapter (saved as a peft "
+                        "folder in --output)")
+    p.add_argument("--lora-rank", type=int, default=16, help="--trainable lora: the adapter's rank r")
+    p.add_argument("--lora-alpha", type=float, default=None, help="--trainable lora: lora_alpha (default: the rank)")
+    p.add_argument("--lora-targets", nargs="+", default=None, metavar="MODULE",
+                   help="--trainable lora: the linear layers adapted, peft's target_modules (a name or a name's "
+                        "end; default: to_q to_k to_v to_out.0 of every attention)")
+    p.add_argument("--export-fused", action="store_true",
+                   help="--trainable lora: also export the pipeline with the adapter fused into the UNet")
     p.add_argument("--remat", default="none", choices=list(REMAT_POLICIES),
                    help="what the backward pass recomputes to save memory")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -189,6 +200,34 @@ def check_generate_args(args) -> None:
         raise UsageError(f"--model {args.model}: no such folder (and not a hub repo id 'owner/name')")
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``--lora PATH[:SCALE]`` -> (PATH, SCALE); a trailing ``:<number>`` is the scale (default 1.0)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+        except ValueError:
+            return spec, 1.0
+        if not math.isfinite(scale):
+            raise UsageError(f"--lora {spec}: the scale must be a finite number; got {tail}")
+        return head, scale
+    return spec, 1.0
+
+
+def _check_loras(args) -> list:
+    """The adapters of ``--lora``, read (small files) before any model weight: [(path, scale, LoRA)]."""
+    from .lora import LoRAError, load_lora
+
+    out = []
+    for spec in args.lora:
+        path, scale = parse_lora(spec)
+        try:
+            out.append((path, scale, load_lora(path)))
+        except LoRAError as e:
+            raise UsageError(f"--lora {spec}: {e}") from None
+    return out
+
+
 def _status(args, msg: str) -> None:
     if not args.quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -214,8 +253,12 @@ def _generate(args) -> int:
     from .video import load_image, save_video
 
     image = load_image(args.image)
+    loras = _check_loras(args)
     t0 = time.perf_counter()
     pipe = _load(args, variant, args.dtype)
+    for path, scale, _ in loras:
+        name = pipe.load_lora_weights(path, scale=scale)
+        _status(args, f"LoRA {path} fused with weight {scale:g} ({name})")
     t1 = time.perf_counter()
     cache = enable_compile_cache()
     _status(args, "generating; the first run with these settings compiles the program (seconds for small sizes, "
@@ -275,7 +318,13 @@ def check_train_args(args):
                   weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
                   max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
                   grad_accum_steps=args.grad_accum_steps, ema_decay=args.ema_decay, trainable=args.trainable,
-                  remat=args.remat, dtype=args.dtype, seed=args.seed)
+                  remat=args.remat, dtype=args.dtype, seed=args.seed, lora_rank=args.lora_rank,
+                  lora_alpha=args.lora_alpha)
+    if args.lora_targets is not None:
+        fields["lora_targets"] = tuple(args.lora_targets)
+    if args.trainable != "lora" and (args.lora_targets is not None or args.lora_alpha is not None
+                                     or args.export_fused):
+        raise UsageError("--lora-alpha, --lora-targets and --export-fused need --trainable lora")
     try:
         return TrainConfig(**fields)
     except TrainConfigError as e:  # name the flag, not the field
@@ -310,12 +359,13 @@ def _train(args) -> int:
                    keep_checkpoints=args.keep_checkpoints, resume=args.resume, frame_stride=args.frame_stride,
                    mesh=mesh, variant=None if args.variant == "none" else args.variant,
                    sample_every=args.sample_every, sample_image=args.sample_image, export=not args.no_export,
-                   cache_latents=args.cache_latents,
+                   cache_latents=args.cache_latents, export_fused=args.export_fused,
                    progress=not args.quiet)
     for path, reason in result.skipped:
         print(f"svd-jax train: skipped {path}: {reason}", file=sys.stderr)
     done = f"step {result.step}" + (f", loss {result.metrics['loss']:.4f}" if result.metrics else "")
-    where = f"; exported the pipeline to {result.exported}" if result.exported else ""
+    what = "the LoRA adapter" if config.trainable == "lora" and not args.export_fused else "the pipeline"
+    where = f"; exported {what} to {result.exported}" if result.exported else ""
     print(f"svd-jax train: {done}{where}", file=sys.stderr)
     return 0
 

@@ -21,8 +21,11 @@ F, H, W, STEPS = 3, 16, 24, 30
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
+    return stripe_videos(tmp_path_factory.mktemp("videos"))
+
+
+def stripe_videos(root):
     """Four smoothly moving stripe videos (a learnable motion), an unreadable file and a too-short video."""
-    root = tmp_path_factory.mktemp("videos")
     y, x = np.mgrid[0:32, 0:48]
     for v in range(4):
         frames = [np.repeat((127 + 100 * np.sin((x + 2 * i * (v + 1)) / 6.0 + v + 0 * y))[..., None], 3, -1)

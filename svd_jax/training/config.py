@@ -11,11 +11,12 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+from ..lora import DEFAULT_TARGETS
 from ..options import REMAT_POLICIES
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "cosine")
-TRAINABLE = ("full", "temporal")
+TRAINABLE = ("full", "temporal", "lora")
 # The temporal layers of the SVD UNet, by the diffusers parameter names they appear in: temporal residual
 # blocks, temporal transformer blocks, the spatial/temporal mixers and the frame-position embeddings.
 TEMPORAL_MARKERS = ("temporal_res_block", "temporal_transformer_blocks", "time_mixer", "time_pos_embed")
@@ -43,7 +44,10 @@ class TrainConfig:
 
     What trains: ``trainable`` ``"full"``, ``"temporal"`` (TEMPORAL_MARKERS) or a predicate on the diffusers
     parameter name (``"down_blocks.0.attentions.0.temporal_transformer_blocks.0.attn1.to_q.weight" -> bool``).
-    The other parameters get no gradient and no optimizer state.
+    The other parameters get no gradient and no optimizer state. ``"lora"``: a new LoRA adapter of rank
+    ``lora_rank`` and ``lora_alpha`` (None: the rank, so alpha / r = 1) on the linear layers peft's
+    ``target_modules=lora_targets`` names (default: every attention's to_q, to_k, to_v, to_out.0) trains, A
+    initialised as peft does (uniform, +-1/sqrt(in)) and B at zero; the whole UNet is frozen.
 
     Memory: ``remat`` (svd_jax/options.py REMAT_POLICIES); ``dtype`` of the compute (``"auto"``: bfloat16 on
     TPU/GPU, float32 on CPU); weights, gradients and optimizer state stay float32.
@@ -74,6 +78,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     ema_decay: float | None = None
     trainable: str | Callable[[str], bool] = "full"
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     remat: str = "none"
     dtype: str = "auto"
     p_mean: float = 0.7
@@ -99,7 +106,7 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise TrainConfigError(f"{name} must be a positive int, not {v!r}")
 
-        for name in ("num_frames", "height", "width", "batch_size", "max_steps", "grad_accum_steps"):
+        for name in ("num_frames", "height", "width", "batch_size", "max_steps", "grad_accum_steps", "lora_rank"):
             positive_int(name)
         for name in ("height", "width"):
             if getattr(self, name) % vae_factor:
@@ -115,6 +122,13 @@ class TrainConfig:
         if not callable(self.trainable) and self.trainable not in TRAINABLE:
             raise TrainConfigError(f"trainable must be one of {TRAINABLE} or a predicate on parameter names, "
                                    f"not {self.trainable!r}")
+        if isinstance(self.lora_targets, str) or not self.lora_targets or \
+                not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise TrainConfigError(f"lora_targets must be a tuple of module names such as {DEFAULT_TARGETS}, not "
+                                   f"{self.lora_targets!r}")
+        if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise TrainConfigError(f"lora_alpha must be a positive number or None (= lora_rank), not "
+                                   f"{self.lora_alpha!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise TrainConfigError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', not {self.dtype!r}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -145,6 +159,10 @@ class TrainConfig:
         if callable(self.trainable):
             out["trainable"] = getattr(self.trainable, "__name__", "custom predicate")
         out.pop("max_steps")
+        out["lora_targets"] = list(self.lora_targets)  # as JSON reads it back
+        if self.trainable != "lora":  # the adapter's shape does not matter to other runs
+            for name in ("lora_rank", "lora_alpha", "lora_targets"):
+                out.pop(name)
         if self.schedule == "cosine":
             out["decay_steps"] = self.decay_steps or self.updates
         return out

@@ -3,6 +3,9 @@
 * Parameters live flat (``{"down_blocks_0.resnets_0.spatial_res_block.conv1.kernel": array}``), split into the
   trained ones (``TrainState.params``, with gradients, optimizer state and the optional EMA) and the frozen rest
   (``TrainState.frozen``): a frozen parameter never gets a gradient buffer or optimizer state.
+* ``trainable="lora"``: ``TrainState.params`` is a new adapter (``"<module>.lora_A"`` (r, in), ``".lora_B"`` (out, r)
+  per targeted linear layer), the whole UNet frozen; the loss adds ``(alpha / r) * B @ A`` to each targeted kernel
+  inside the program (:func:`svd_jax.lora.fuse`), so the gradients reach A and B only.
 * Weights, gradients and optimizer state are float32 (the master copy); the UNet computes in the config's
   ``dtype`` (bfloat16 on TPU/GPU by default): its layers cast the float32 weights where they use them.
 * A batch is pixels (``{"pixels": (B, F, H, W, 3) in [-1, 1], "fps": (B,), "motion_bucket_id": (B,)}``), whose
@@ -54,9 +57,16 @@ def diffusers_name(key: str, ndim: int) -> str:
     return path_to_torch_name(tuple(key.split(SEP)), ndim)[0]
 
 
+LORA_A, LORA_B = ".lora_A", ".lora_B"  # TrainState.params keys of a LoRA run: "<diffusers module>.lora_A"
+LORA_INIT = 0x4C6F5241  # folded into the run's key for the adapter's initial A (steps fold in their numbers)
+
+
 def trainable_keys(flat_params: Mapping[str, Any], trainable: str | Callable[[str], bool]) -> list[str]:
     """The keys of ``flat_params`` that train: all (``"full"``), the temporal layers (``"temporal"``), or those
-    whose diffusers name satisfies the predicate. An empty selection is an error."""
+    whose diffusers name satisfies the predicate; none for ``"lora"`` (a new adapter trains). An empty selection
+    is an error."""
+    if trainable == "lora":
+        return []
     if trainable == "full":
         keys = list(flat_params)
     else:
@@ -155,6 +165,8 @@ class TrainStep:
         self.vae = None if vae is None else stages.with_options(vae, enc_options)
         self.image_encoder = None if image_encoder is None else stages.with_options(image_encoder, enc_options)
         self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
+        self.lora = config.trainable == "lora"
+        self.lora_modules: list[str] = []  # the adapted layers of a LoRA run (set by init / abstract_state)
         self.tx = make_optimizer(config)
         self.schedule = learning_rate_schedule(config)
         self._jitted = {}
@@ -163,37 +175,46 @@ class TrainStep:
     def init(self, unet_params, rng: jax.Array | None = None) -> TrainState:
         """A fresh state from the UNet's parameters (copied as float32; on the mesh's shardings with a
         partitioner). rng: a (2,) uint32 key; default ``PRNGKey(config.seed)``."""
-        flat = flatten_params(unet_params)
-        keys = set(trainable_keys(flat, self.config.trainable))
-        abstract = self.abstract_state(unet_params)
-        shardings = self.state_shardings(abstract)
-
-        def build(flat, rng):
-            params = {k: v.astype(jnp.float32) for k, v in flat.items() if k in keys}
-            frozen = {k: v.astype(jnp.float32) for k, v in flat.items() if k not in keys}
-            ema = None if self.config.ema_decay is None else dict(params)
-            return TrainState(jnp.zeros((), jnp.int32), params, frozen, self.tx.init(params), ema, rng)
-
+        build = self._builder(unet_params)
+        shardings = self.state_shardings(self.abstract_state(unet_params))
         rng = jax.random.PRNGKey(self.config.seed) if rng is None else rng
         if shardings is None:  # committed to the default device, like a state restored from a checkpoint, so
             # that a fresh and a resumed run trace the same program (and share its persistent-cache entry)
             shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.jit(build, out_shardings=shardings)(flat, rng)
+        return jax.jit(build, out_shardings=shardings)(flatten_params(unet_params), rng)
 
     def abstract_state(self, unet_params) -> TrainState:
         """The state's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), from params or their abstract shapes."""
         flat = flatten_params(unet_params)
-        keys = set(trainable_keys(flat, self.config.trainable))
+        shapes = {k: jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for k, v in flat.items()}
+        return jax.eval_shape(self._builder(unet_params), shapes, jax.ShapeDtypeStruct((2,), jnp.uint32))
 
-        def build(flat):
+    def _builder(self, unet_params):
+        """(flat params, rng) -> a fresh TrainState (traceable): the trained / frozen split, the optimizer state,
+        the EMA; for LoRA the new adapter (peft's initialisation: A uniform in +-1/sqrt(in), B zero)."""
+        flat = flatten_params(unet_params)
+        keys = set(trainable_keys(flat, self.config.trainable))
+        if self.lora:
+            from ..lora import linear_modules, target_modules
+
+            self.lora_modules = target_modules(unet_params, self.config.lora_targets)
+            shapes = linear_modules(unet_params)
+        r = self.config.lora_rank
+
+        def build(flat, rng):
             params = {k: v.astype(jnp.float32) for k, v in flat.items() if k in keys}
             frozen = {k: v.astype(jnp.float32) for k, v in flat.items() if k not in keys}
+            if self.lora:
+                init = jax.random.split(jax.random.fold_in(rng, LORA_INIT), len(self.lora_modules))
+                for m, key in zip(self.lora_modules, init):
+                    fan_in, fan_out = shapes[m]
+                    bound = 1.0 / np.sqrt(fan_in)
+                    params[m + LORA_A] = jax.random.uniform(key, (r, fan_in), jnp.float32, -bound, bound)
+                    params[m + LORA_B] = jnp.zeros((fan_out, r), jnp.float32)
             ema = None if self.config.ema_decay is None else dict(params)
-            return TrainState(jnp.zeros((), jnp.int32), params, frozen, self.tx.init(params), ema,
-                              jnp.zeros((2,), jnp.uint32))
+            return TrainState(jnp.zeros((), jnp.int32), params, frozen, self.tx.init(params), ema, rng)
 
-        shapes = {k: jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for k, v in flat.items()}
-        return jax.eval_shape(build, shapes)
+        return build
 
     def state_shardings(self, abstract: TrainState):
         """A pytree of shardings like the state (None without a partitioner): weights, their optimizer state and
@@ -292,8 +313,42 @@ class TrainStep:
 
     def loss(self, params, frozen, cond):
         """The objective of one batch's conditioning for trained ``params`` and ``frozen`` (flat): a scalar."""
-        unet_params = unflatten_params({**frozen, **params})
-        return denoising_loss(self.unet, unet_params, **cond)
+        return denoising_loss(self.unet, self._unet_params(params, frozen), **cond)
+
+    def _unet_params(self, params, frozen) -> dict:
+        """The UNet's nested params: trained and frozen together, or (LoRA) the frozen UNet with the adapter
+        fused into its targeted kernels."""
+        if not self.lora:
+            return unflatten_params({**frozen, **params})
+        from ..lora import fuse
+
+        return fuse(unflatten_params(frozen), [self._factors(params)])
+
+    def _factors(self, params) -> dict:
+        """A LoRA run's trained params as :func:`svd_jax.lora.factors` (the config's constant alpha / r)."""
+        modules = sorted(k[: -len(LORA_A)] for k in params if k.endswith(LORA_A))
+        scaling = self.lora_alpha / self.config.lora_rank
+        return {"A": {m: params[m + LORA_A] for m in modules}, "B": {m: params[m + LORA_B] for m in modules},
+                "scale": {m: jnp.float32(scaling) for m in modules}}
+
+    @property
+    def lora_alpha(self) -> float:
+        """The adapter's lora_alpha (the config's, or the rank)."""
+        return float(self.config.lora_alpha if self.config.lora_alpha is not None else self.config.lora_rank)
+
+    def trained_lora(self, state: TrainState, ema: bool = False):
+        """A LoRA run's adapter (the EMA weights with ``ema=True``) as a :class:`svd_jax.lora.LoRA` on the host,
+        for :func:`svd_jax.lora.save_lora`."""
+        from ..lora import LoRA
+
+        if not self.lora:
+            raise ValueError(f"trainable={self.config.trainable!r}: this run trains no LoRA adapter")
+        if ema and state.ema is None:
+            raise ValueError("this run keeps no EMA (TrainConfig.ema_decay is None)")
+        p = jax.device_get(state.ema if ema else state.params)
+        modules = sorted(k[: -len(LORA_A)] for k in p if k.endswith(LORA_A))
+        return LoRA({m: (np.asarray(p[m + LORA_A], np.float32), np.asarray(p[m + LORA_B], np.float32))
+                     for m in modules}, dict.fromkeys(modules, self.lora_alpha))
 
     def update(self, state: TrainState, grads) -> TrainState:
         """Apply one micro-batch's gradients (flat, like ``state.params``): the optimizer (clipping, accumulation),
@@ -343,7 +398,8 @@ class TrainStep:
         return self.jitted(state, batch, encoder_params).lower(state, batch, encoder_params)
 
     def trained_params(self, state: TrainState, ema: bool = False) -> dict:
-        """The UNet's full nested parameter tree after training (the EMA weights with ``ema=True``)."""
+        """The UNet's full nested parameter tree after training (the EMA weights with ``ema=True``); for LoRA the
+        adapter fused into the base."""
         if ema and state.ema is None:
             raise ValueError("this run keeps no EMA (TrainConfig.ema_decay is None)")
-        return unflatten_params({**state.frozen, **(state.ema if ema else state.params)})
+        return self._unet_params(state.ema if ema else state.params, state.frozen)

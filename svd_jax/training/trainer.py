@@ -42,7 +42,8 @@ SAMPLES = "samples"
 @dataclasses.dataclass
 class TrainResult:
     """What :func:`train` did: the final state, the step reached, the last metrics, the dataset's skipped files,
-    the exported folder (None without export), and the loss of every step this call ran."""
+    the exported folder (the pipeline folder, or a LoRA run's adapter folder; None without export), and the loss
+    of every step this call ran."""
 
     state: Any
     step: int
@@ -96,7 +97,8 @@ def train(model: str | os.PathLike, data: str | os.PathLike, output: str | os.Pa
           sample_every: int | None = None, sample_image: str | os.PathLike | None = None,
           sample_steps: int = 10, export: bool = True, export_ema: bool | None = None,
           export_dtype: str | None = "float32", progress: bool = True, prefetch: int = 2,
-          cache_latents: bool = False, local_files_only: bool = False) -> TrainResult:
+          cache_latents: bool = False, export_fused: bool = False,
+          local_files_only: bool = False) -> TrainResult:
     """Fine-tune the UNet of the SVD pipeline ``model`` on the videos in ``data``; write ``output``.
 
     Args:
@@ -116,7 +118,11 @@ def train(model: str | os.PathLike, data: str | os.PathLike, output: str | os.Pa
       sample_every, sample_image: every this many steps (and at the end) generate a video from ``sample_image``
         with the current weights (``sample_steps`` denoising steps, the clip size) into ``output/samples/``.
       export: write the exported pipeline at the end (the EMA weights where ``config.ema_decay`` is set, unless
-        ``export_ema=False``), in ``export_dtype`` (None: float32 master weights as they are).
+        ``export_ema=False``), in ``export_dtype`` (None: float32 master weights as they are). A LoRA run
+        (``config.trainable="lora"``) always writes its adapter as a peft folder into ``output``
+        (``adapter_config.json`` + ``adapter_model.safetensors``, :func:`svd_jax.lora.save_lora`; what
+        ``pipe.load_lora_weights(output)`` and peft load) and the pipeline with the adapter fused only with
+        ``export_fused=True`` (and ``export``).
       progress: a progress bar (loss, steps/s, data wait, ETA) on stderr.
       cache_latents: encode one clip of every video once (VAE latents of its frames, CLIP embedding of its first
         frame) before training, and train on those: the steps then run the UNet and only the VAE encode of the
@@ -238,8 +244,13 @@ def train(model: str | os.PathLike, data: str | os.PathLike, output: str | os.Pa
     checkpointer.wait()
     checkpointer.close()
     exported = None
-    if export:
-        use_ema = config.ema_decay is not None if export_ema is None else export_ema
+    use_ema = config.ema_decay is not None if export_ema is None else export_ema
+    if step.lora and _is_main():  # the adapter is the run's result: always written
+        from ..lora import save_lora
+
+        exported = save_lora(step.trained_lora(state, ema=use_ema), out,
+                             base_model_name_or_path=str(model))
+    if export and (not step.lora or export_fused):
         params = _host(step.trained_params(state, ema=use_ema))
         if _is_main():
             exported = export_pipeline(model, pipe.unet, params, out, dtype=export_dtype, variant=variant,
