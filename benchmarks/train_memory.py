@@ -22,8 +22,9 @@ step; the frozen VAE and CLIP weights, bfloat16, are then arguments).
 
 Peak = arguments + outputs + temporaries - aliased (the donated state's outputs reuse its buffers), as
 benchmarks/memory.py defines it. The state's bytes (trained float32 weights, frozen float32 weights, AdamW
-moments) are also computed from ``step.abstract_state`` for full and temporal training; a frozen weight has no
-gradient and no optimizer state.
+moments) are also computed from ``step.abstract_state`` for full, temporal and LoRA (rank 16, 64) training; a
+frozen weight has no gradient and no optimizer state. ``--trainable lora16,lora64`` compiles LoRA cells (the
+adapter on every attention's to_q, to_k, to_v, to_out.0; goal at 25x576x1024 on one device: <= 24 GiB).
 
 Residuals (also ``--residuals-only``, which compiles nothing and takes seconds a cell): the arrays JAX's autodiff
 saves from the UNet's forward pass for its backward (the jaxpr of the loss's vjp; weights they merely reference
@@ -68,7 +69,16 @@ DEVICE_COUNT = "--xla_force_host_platform_device_count=8"
 KEEP_REMAT = "--xla_disable_hlo_passes=cse_barrier_expander"
 REMAT_ORDER = REMAT_POLICIES  # svd_jax/options.py
 GOALS = {1: 48.0, 8: 16.0}  # GiB per device, full fine-tuning at 25x576x1024
+LORA_GOAL = 24.0  # GiB, LoRA (rank 16 and 64) at 25x576x1024 on one device
 GOAL_SIZE = "25x576x1024"
+
+
+def parse_trainable(t: str) -> dict:
+    """``full`` / ``temporal`` / ``lora<rank>`` (e.g. ``lora16``: a rank-16 adapter on the default targets) ->
+    TrainConfig fields."""
+    if t.startswith("lora"):
+        return dict(trainable="lora", lora_rank=int(t[4:] or 16))
+    return dict(trainable=t)
 
 
 def parse_size(s: str) -> tuple[int, int, int]:
@@ -113,7 +123,7 @@ def build(trainable: str, remat: str, size: str, devices: int, form: str = "late
     vae = AutoencoderKLTemporalDecoder.from_config(SVD_VAE, dtype=jnp.bfloat16)
     clip = CLIPVisionModelWithProjection.from_config(SVD_CLIP, dtype=jnp.bfloat16) if form == "pixels" else None
     cfg = TrainConfig(num_frames=f, height=h, width=w, batch_size=b, dtype="bfloat16", remat=remat,
-                      trainable=trainable, optimizer="adamw")
+                      optimizer="adamw", **parse_trainable(trainable))
     step = TrainStep(unet, vae, clip, cfg, partitioner=part)
     state = step.abstract_state(unet.init_params_abstract())
     sds = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt)
@@ -137,7 +147,7 @@ def state_report(devices: int) -> list[dict]:
 
     rows = []
     part = Partitioner(make_mesh(data=devices), fsdp=True) if devices > 1 else None
-    for trainable in ("full", "temporal"):
+    for trainable in ("full", "temporal", "lora16", "lora64"):
         step, state, _, _ = build(trainable, "none", GOAL_SIZE, 1)
         split = None
         if part is not None:
@@ -273,6 +283,16 @@ def print_table(rows: list[dict]) -> None:
         allr += f"; not measured: {', '.join(missing)}" if missing else ""
         print(f"  {where}: <= {goal:.0f} GiB: {ok} (best remat={best['remat']}: {best['peak'] / GIB:.2f} GiB; "
               f"{allr})")
+    cand = [r for r in rows if r["size"] == GOAL_SIZE and r["trainable"].startswith("lora") and r["devices"] == 1
+            and r["form"] == "latents" and "peak" in r and r.get("cpu_remat") == "kept"]
+    if cand:
+        for rank in sorted({r["trainable"] for r in cand}):
+            best = min((r for r in cand if r["trainable"] == rank), key=lambda r: r["peak"])
+            ok = "PASS" if best["peak"] / GIB <= LORA_GOAL else "FAIL"
+            print(f"  LoRA {rank[4:]}, one device: <= {LORA_GOAL:.0f} GiB: {ok} (best remat={best['remat']}: "
+                  f"{best['peak'] / GIB:.2f} GiB)")
+    else:
+        print(f"  LoRA, one device: <= {LORA_GOAL:.0f} GiB: not measured")
     print("  Caveat: XLA:CPU's memory estimate; a TPU/GPU compile schedules and rematerialises differently.")
 
 
@@ -282,7 +302,8 @@ def main():
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("--sizes", default="14x320x576,14x576x1024,25x576x1024", help="frames x height x width (pixels)")
     ap.add_argument("--remat", default=",".join(REMAT_ORDER), help="remat policies (svd_jax/options.py)")
-    ap.add_argument("--trainable", default="full,temporal", help="full and/or temporal")
+    ap.add_argument("--trainable", default="full,temporal",
+                    help="full, temporal and/or lora<rank> (e.g. lora16,lora64: an adapter on the default targets)")
     ap.add_argument("--devices", default="1,8", help="1 (batch 1) and/or 8 (batch 8 on an 8-device FSDP mesh)")
     ap.add_argument("--pixel-case", default=f"{GOAL_SIZE},blocks,full,1",
                     help="size,remat,trainable,devices of one cell also compiled with the pixel batch form "

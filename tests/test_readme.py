@@ -173,6 +173,7 @@ def test_readme_code_blocks_run(workdir, fast_xla_flags):
                                    f"{r.stdout[-3000:]}{r.stderr[-6000:]}")
 
     # what the blocks promise to write
-    for name in ("video.mp4", "tiny.mp4", "made-tiny/unet/diffusion_pytorch_model.fp16.safetensors",
+    for name in ("video.mp4", "tiny.mp4", "styled.mp4", "with_my_new_lora.mp4", "my_new_lora/adapter_config.json",
+                 "my_new_lora/adapter_model.safetensors", "made-tiny/unet/diffusion_pytorch_model.fp16.safetensors",
                  "svd-xt-flax/unet/flax_manifest.json"):
         assert (work / name).is_file() and (work / name).stat().st_size > 0, name
