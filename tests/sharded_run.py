@@ -53,7 +53,37 @@ def main():
         r["latent_replicated"] = bool(lat.sharding.is_fully_replicated)
         r["latent_spec"] = str(lat.sharding.spec)
         result[f"{data}x{space}"] = r
+    result["lora"] = lora_on_a_mesh(folder, ref_pipe, cases["single"], kw)
     print(json.dumps(result))
+
+
+def lora_on_a_mesh(folder, ref_pipe, case, kw):
+    """An adapter on an FSDP pipeline (1 x 8): fused kernels keep their base kernel's sharding, the unfused
+    factors are spread like their base weights, and both videos equal the one-device pipeline's with it."""
+    import tempfile
+
+    from lora_helpers import random_lora
+
+    from svd_jax.lora import save_lora
+
+    with tempfile.TemporaryDirectory() as d:
+        save_lora(random_lora(ref_pipe.params["unet"], seed=3), d)
+        ref_pipe.load_lora_weights(d)
+        ref = ref_pipe(output_type="np", **case, **kw).frames
+        pipe = StableVideoDiffusionPipeline.from_pretrained(folder, mesh=make_mesh(data=1, space=8), fsdp=True)
+        base = pipe.params["unet"]
+        pipe.load_lora_weights(d)
+    pairs = list(zip(jax.tree_util.tree_leaves(pipe.params["unet"]), jax.tree_util.tree_leaves(base)))
+    r = {"fused_changed": sum(a is not b for a, b in pairs),
+         "fused_same_sharding": all(a.sharding.is_equivalent_to(b.sharding, a.ndim) for a, b in pairs),
+         "base_split": sum(not b.sharding.is_fully_replicated for _, b in pairs)}
+    r["fused_max_abs_diff"] = float(np.abs(pipe(output_type="np", **case, **kw).frames - ref).max())
+    pipe.unfuse_lora()
+    factors = jax.tree_util.tree_leaves(pipe.params["lora"])
+    r["unfused_split"] = sum(not x.sharding.is_fully_replicated for x in factors)
+    r["unfused_on_devices"] = min(len(x.sharding.device_set) for x in factors)
+    r["unfused_max_abs_diff"] = float(np.abs(pipe(output_type="np", **case, **kw).frames - ref).max())
+    return r
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from lora_helpers import random_lora
 from peft import LoraConfig, inject_adapter_in_model  # the test extra's reference
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.numpy import save_file
@@ -216,18 +217,6 @@ def test_pipeline_with_lora_equals_diffusers_with_peft(tiny_pipeline, tmp_path):
     assert rel_err(run(), _reference(ref, image, 5, latents, **kw)) <= TOL
     with pytest.raises(LoRAError, match="unknown adapters"):
         pipe.set_adapters("nope")
-
-
-def random_lora(unet_params, targets=("to_q", "to_k", "to_v", "to_out.0"), rank=2, alpha=3.0, seed=0, std=0.06):
-    """An adapter on ``targets`` of the UNet with random A and B (both non-zero)."""
-    from svd_jax.lora import linear_modules, target_modules
-
-    shapes = linear_modules(unet_params)
-    rng = np.random.default_rng(seed)
-    weights = {m: ((std * rng.standard_normal((rank, shapes[m][0]))).astype(np.float32),
-                   (std * rng.standard_normal((shapes[m][1], rank))).astype(np.float32))
-               for m in target_modules(unet_params, targets)}
-    return LoRA(weights, dict.fromkeys(weights, alpha))
 
 
 def test_unfused_adapters_equal_fused_and_reweight_without_recompiling(tiny_pipeline, tmp_path):

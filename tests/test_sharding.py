@@ -73,6 +73,17 @@ def test_uneven_batch_is_padded_and_cropped(sharded):
     assert padded_batch(5, cfg=False, data_size=4) == 8
 
 
+@pytest.mark.slow
+def test_lora_on_a_mesh_shards_like_its_base_weights(sharded):
+    """An adapter on an FSDP pipeline over 8 devices: every fused kernel keeps its base kernel's sharding, the
+    unfused factors are placed like weights (split where they divide), and fused and unfused videos equal the
+    one-device pipeline with the same adapter."""
+    r = sharded["lora"]
+    assert r["fused_changed"] > 10 and r["fused_same_sharding"] and r["base_split"] > 10, r
+    assert r["unfused_on_devices"] == 8 and r["unfused_split"] > 0, r
+    assert r["fused_max_abs_diff"] <= 1e-3 and r["unfused_max_abs_diff"] <= 1e-3, r
+
+
 def test_constrained_models_equal_unconstrained(tiny_pipeline, env):
     """On 8 CPU devices (subprocess), the models with the mesh's block-boundary constraints give the same
     outputs as without, for both mesh shapes, and the UNet output really lives on all 8 devices."""
