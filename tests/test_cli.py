@@ -61,12 +61,21 @@ def test_dtype_choices_are_the_weights_dtypes():
     (["--max-guidance", "inf"], "--max-guidance must be a finite number"),
     (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
     (["--model", "./missing-model"], "no such folder"),
+    (["--lora", "/no/such/lora"], "--lora /no/such/lora: LoRA path /no/such/lora does not exist"),
+    (["--lora", "my_lora:nan"], "--lora my_lora:nan: the scale must be a finite number"),
 ])
 def test_bad_arguments_exit_2_in_one_line_before_loading(image, tmp_path, no_loading, capsys, extra, msg):
     argv = ["generate", "--image", image, "--output", str(tmp_path / "out.mp4"), *extra]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("svd-jax generate: error: ") and msg in err[0], err
+
+
+def test_lora_flag_parsing():
+    assert cli.parse_lora("loras/style:0.5") == ("loras/style", 0.5)
+    assert cli.parse_lora("owner/repo") == ("owner/repo", 1.0)
+    assert cli.parse_lora("a:b/c") == ("a:b/c", 1.0)  # a colon that does not end in a number is the path's
+    assert cli.parse_lora("x.safetensors:-1") == ("x.safetensors", -1.0)
 
 
 @pytest.mark.parametrize("bad_image,msg", [
