@@ -311,22 +311,38 @@ def apply_lora(unet_params, lora: LoRA | list, scale=1.0):
                         and new is not old and len(old.sharding.device_set) > 1 else new, out, unet_params)
 
 
-def save_lora(lora: LoRA, directory, base_model_name_or_path: str | None = None) -> Path:
-    """Write ``lora`` as a peft folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (keys
-    ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``, as ``PeftModel.save_pretrained``).
+def save_lora(lora: LoRA, directory, base_model_name_or_path: str | None = None, format: str = "peft") -> Path:
+    """Write ``lora`` into ``directory`` (created if absent); returns the folder.
 
-    Ranks and alphas that differ between modules go to ``rank_pattern`` / ``alpha_pattern`` under the full
-    module names. Each file is written atomically. Returns the folder.
+    ``format="peft"`` (the default): ``adapter_config.json`` + ``adapter_model.safetensors`` (keys
+    ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``, as ``PeftModel.save_pretrained``); ranks
+    and alphas that differ between modules go to ``rank_pattern`` / ``alpha_pattern`` under the full module
+    names. ``format="diffusers"``: one ``pytorch_lora_weights.safetensors`` with keys
+    ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` and ``unet.<module>.alpha`` (diffusers' single-file
+    naming; ``use_rslora`` cannot be expressed there and is refused). Each file is written atomically.
     """
     from safetensors.numpy import save_file
 
     from .training.export import _atomic_file, _write_json_atomic  # temporary sibling, os.replace, cleanup
 
+    if format not in ("peft", "diffusers"):
+        raise LoRAError(f"save_lora: format must be 'peft' or 'diffusers', not {format!r}")
     if not lora.weights:
         raise LoRAError("save_lora: the adapter has no modules")
+    if format == "diffusers" and lora.use_rslora:
+        raise LoRAError("save_lora: the diffusers naming has no use_rslora; save this adapter as format='peft'")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     modules = sorted(lora.weights)
+    if format == "diffusers":
+        tensors = {}
+        for m in modules:
+            a, b = lora.weights[m]
+            tensors[f"unet.{m}.lora_A.weight"] = np.ascontiguousarray(a, np.float32)
+            tensors[f"unet.{m}.lora_B.weight"] = np.ascontiguousarray(b, np.float32)
+            tensors[f"unet.{m}.alpha"] = np.asarray(lora.alphas[m], np.float32)
+        _atomic_file(d / DIFFUSERS_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        return d
     ranks = {m: lora.rank(m) for m in modules}
     r0 = max(set(ranks.values()), key=list(ranks.values()).count)
     a0 = max(set(lora.alphas.values()), key=list(lora.alphas.values()).count)

@@ -265,3 +265,24 @@ def test_unfused_adapters_equal_fused_and_reweight_without_recompiling(tiny_pipe
     pipe.unfuse_lora()
     pipe.unload_lora_weights()
     assert pipe.params["unet"] is base and "lora" not in pipe.params
+
+
+def test_save_lora_in_the_diffusers_naming_round_trips(unet, tmp_path):
+    """format="diffusers": one pytorch_lora_weights.safetensors (unet.* keys, per-module alpha) that load_lora
+    reads back to the same adapter, ranks and alphas differing per module; use_rslora is refused there."""
+    _, _, params = unet
+    one = random_lora(params, ("to_q", "to_k"), rank=2, alpha=3.0, seed=4)
+    two = random_lora(params, ("to_out.0",), rank=3, alpha=1.5, seed=5)
+    lora = LoRA({**one.weights, **two.weights}, {**one.alphas, **two.alphas})
+    folder = save_lora(lora, tmp_path / "d", format="diffusers")
+    keys = set(_read(folder / "pytorch_lora_weights.safetensors"))
+    assert all(k.startswith("unet.") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    back = load_lora(folder)
+    assert sorted(back.weights) == sorted(lora.weights) and not back.use_rslora
+    for m in lora.weights:
+        assert back.scaling(m) == lora.scaling(m)
+        assert all(np.array_equal(u, v) for u, v in zip(back.weights[m], lora.weights[m]))
+    with pytest.raises(LoRAError, match="no use_rslora"):
+        save_lora(LoRA(lora.weights, lora.alphas, use_rslora=True), tmp_path / "r", format="diffusers")
+    with pytest.raises(LoRAError, match="format must be"):
+        save_lora(lora, tmp_path / "x", format="kohya")
