@@ -128,6 +128,8 @@ class GenerationConfig:
         are decoded streamed (svd_jax/models/vae.py ``decode_streamed``); None: never.
       model: the :class:`ModelOptions` the three networks run with (a partitioner's hooks included).
       partitioner: the :class:`~svd_jax.sharding.Partitioner` of a sharded program, or None (one device).
+      sampler: how a step updates the latents: ``"euler"`` (svd_jax/scheduler.py ``step``; the Euler and EDM
+        Euler schedulers) or ``"multistep"`` (DPM-Solver++, svd_jax/samplers.py, its history in the carry).
     """
 
     cfg: bool
@@ -140,6 +142,7 @@ class GenerationConfig:
     stream_decode_bytes: int | None
     model: ModelOptions
     partitioner: object | None = None
+    sampler: str = "euler"
 
     @property
     def data_size(self) -> int:

@@ -46,6 +46,7 @@ class GenerationInputs:
     video_src: Any = _input(REPLICATED)  # (B,) int32: the image of each video
     sigmas: Any = _input(REPLICATED)  # (n + 1,) float32, the terminal one included
     timesteps: Any = _input(REPLICATED)  # (n,) float32
+    solver_coefs: Any = _input(REPLICATED)  # (n, 1 + K) float32 of a multistep sampler; (n, 0) for Euler
     guidance: Any = _input(REPLICATED)  # (F,) float32: per-frame CFG scale
     time_ids: Any = _input(REPLICATED)  # (3,) float32: [fps - 1, motion_bucket_id, noise_aug_strength]
     noise_aug_strength: Any = _input(REPLICATED)  # () float32
@@ -258,6 +259,10 @@ def prepare(pipe, image, req: GenerationRequest):
     schedule = pipe.scheduler.set_timesteps(req.num_inference_steps if req.sigmas is None else None,
                                             sigmas=req.sigmas)
     latents = np.asarray(latents, np.float32) * np.float32(schedule.init_noise_sigma)
+    kind = getattr(pipe.scheduler, "kind", "euler")
+    n_steps = int(np.shape(schedule.timesteps)[0])
+    coefs = (pipe.scheduler.coefficients(schedule.sigmas) if kind == "multistep"
+             else np.zeros((n_steps, 0), np.float32))
     part = pipe.partitioner
     bp = padded_batch(b, cfg, 1 if part is None else part.data_size)
     if bp > b:  # videos padded to split evenly over the mesh's data axis (copies of the last); cropped after
@@ -270,11 +275,12 @@ def prepare(pipe, image, req: GenerationRequest):
         cfg=cfg, decode_chunk_size=chunk, latent_output=req.output_type == "latent",
         dtype=jnp.dtype(pipe.dtype).name, prediction_type=pipe.scheduler.prediction_type,
         clip_mean=pipe.image_mean, clip_std=pipe.image_std, stream_decode_bytes=pipe.stream_decode_bytes,
-        model=model, partitioner=part)
+        model=model, partitioner=part, sampler=kind)
     inputs = GenerationInputs(
         clip_images=np.asarray(clip_images, np.float32), vae_images=np.asarray(vae_images, np.float32),
         image_noise=np.asarray(image_noise), latents=latents, video_src=video_src,
         sigmas=np.asarray(schedule.sigmas, np.float32), timesteps=np.asarray(schedule.timesteps, np.float32),
+        solver_coefs=np.asarray(coefs, np.float32),
         guidance=np.asarray(guidance), time_ids=np.asarray(time_ids),
         noise_aug_strength=np.float32(req.noise_aug_strength))
     return inputs, config, b, bp

@@ -72,7 +72,8 @@ class StableVideoDiffusionPipeline:
     """SVD / SVD-XT image-to-video in JAX. Build with :meth:`from_pretrained`; call with an image.
 
     Attributes:
-      unet, vae, image_encoder: the Flax modules; scheduler: :class:`EulerScheduler`;
+      unet, vae, image_encoder: the Flax modules; scheduler: :class:`EulerScheduler`, or an EDM sampler of
+        :mod:`svd_jax.samplers` (replaceable: the next call uses it);
       params: {"unet": ..., "vae": ..., "image_encoder": ...} parameter trees; dtype: compute dtype.
       options: the :class:`~svd_jax.options.ModelOptions` the networks run with (``attention`` and
         ``forward_chunk_bytes`` read and set its fields); part of the compiled configuration, so a change
@@ -137,7 +138,7 @@ class StableVideoDiffusionPipeline:
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, dtype="auto", variant: str | None = None,
                         *, mesh: Mesh | None = None, fsdp: bool = False, attention: str = "auto",
                         options: ModelOptions | None = None, revision: str | None = None, cache_dir=None,
-                        local_files_only: bool = False):
+                        local_files_only: bool = False, scheduler=None, scheduler_config: dict | None = None):
         """Load a diffusers-layout SVD folder or hub repo (model_index.json, unet/, vae/, image_encoder/,
         scheduler/, feature_extractor/). ``variant="fp16"`` reads the fp16 files; weights are cast to ``dtype``.
 
@@ -154,8 +155,22 @@ class StableVideoDiffusionPipeline:
         :mod:`svd_jax.models.attention`); ``options``: all the model options (:class:`ModelOptions`), of which
         ``attention`` sets one. Both can be changed later (``pipe.attention``, ``pipe.options``); the next call
         recompiles.
+
+        ``scheduler``: the sampler (:mod:`svd_jax.samplers`): None or ``"euler"`` (the folder's
+        EulerDiscreteScheduler, today's default), ``"edm_euler"`` (diffusers' EDMEulerScheduler) or
+        ``"edm_dpmsolver++"`` (EDMDPMSolverMultistepScheduler, DPM-Solver++ 2M), the EDM ones configured for SVD
+        (sigma_min / sigma_max / prediction_type from the folder's scheduler config, sigma_data 1), or a scheduler
+        object; ``scheduler_config``: diffusers-named overrides (``{"solver_order": 3, "sigma_schedule":
+        "exponential"}``). ``pipe.scheduler`` may be replaced later (a multistep sampler compiles its own
+        program; the Euler ones share one).
         """
+        from ..samplers import SCHEDULER_NAMES, make_scheduler
+
         options = _merge_options(options, attention)  # checked before anything is loaded
+        if isinstance(scheduler, str) and scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES} or a scheduler object; got {scheduler!r}")
+        if scheduler is not None and not isinstance(scheduler, str) and scheduler_config:
+            raise ValueError("scheduler_config applies to a scheduler given by name, not to a scheduler object")
         dtype = resolve_dtype(dtype, mesh)
         root = resolve_pipeline_root(path_or_repo_id, variant, revision, cache_dir, local_files_only)
         index = root / "model_index.json"
@@ -165,12 +180,14 @@ class StableVideoDiffusionPipeline:
         if missing:
             raise CheckpointError(f"{root}: the pipeline folder is missing component folder(s) {missing}; "
                                   f"an SVD pipeline needs {list(COMPONENTS)}")
+        base_scheduler = EulerScheduler.from_pretrained(root, subfolder="scheduler")
+        if isinstance(scheduler, str) or scheduler is None:  # unsupported settings raise before any weight loads
+            scheduler = make_scheduler(scheduler or "euler", base_scheduler, scheduler_config)
         part = Partitioner(mesh, fsdp) if mesh is not None else None
         kw = dict(variant=variant, param_sharding=part.param_sharding if part is not None else None)
         unet, up = UNetSpatioTemporalConditionModel.from_pretrained(root, "unet", dtype, **kw)
         vae, vp = AutoencoderKLTemporalDecoder.from_pretrained(root, "vae", dtype, **kw)
         enc, ep = CLIPVisionModelWithProjection.from_pretrained(root, "image_encoder", dtype, **kw)
-        scheduler = EulerScheduler.from_pretrained(root, subfolder="scheduler")
         mean, std = pre.CLIP_MEAN, pre.CLIP_STD
         fe = root / "feature_extractor" / "preprocessor_config.json"
         if fe.is_file():
@@ -184,10 +201,10 @@ class StableVideoDiffusionPipeline:
         self.trace_count += 1
         return stages.generate(self.modules, _with_unfused_lora(params), inputs, config)
 
-    def _step_program(self, params, cond, lat, i, sigmas, timesteps, *, config):
+    def _step_program(self, params, cond, carry, i, sigmas, timesteps, coefs, *, config):
         unet = stages.with_options(self.unet, config.model)
-        return stages.denoise_step(unet, _with_unfused_lora(params)["unet"], cond, lat, i, sigmas, timesteps,
-                                   config)
+        return stages.denoise_step(unet, _with_unfused_lora(params)["unet"], cond, carry, i, sigmas, timesteps,
+                                   coefs, config)
 
     def _run_stepwise(self, inputs, config):
         """The generation with a progress bar: begin, one program call per step (the bar advances as each
@@ -198,7 +215,7 @@ class StableVideoDiffusionPipeline:
         try:
             for i in range(n):
                 lat = self._step(self.params, cond, lat, np.int32(i), inputs.sigmas, inputs.timesteps,
-                                 config=config)
+                                 inputs.solver_coefs, config=config)
                 jax.block_until_ready(lat)
                 progress.tick()
         finally:

@@ -26,6 +26,7 @@ from .. import preprocessing as pre
 from ..models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
 from ..models.vae import decode_streamed
 from ..options import GenerationConfig, ModelOptions
+from ..samplers import multistep_update
 from ..scheduler import scale_model_input, step
 from .inputs import GenerationInputs
 
@@ -120,10 +121,28 @@ def guidance_setup(latents, embeddings, image_latents_, time_ids, guidance, conf
     return Guidance(emb, z_img, ids, guidance.astype(jnp.float32)[None, :, None, None, None])
 
 
-def denoise_step(unet, params, cond: Guidance, lat, i, sigmas, timesteps, config: GenerationConfig):
-    """One sampler step at step index ``i`` (traced): lat (B, F, h, w, C) float32 -> the next latents."""
+def initial_carry(latents, coefs, config: GenerationConfig):
+    """The denoising loop's carry before the first step: the latents (B, F, h, w, C) float32, plus for a
+    multistep sampler (``config.sampler == "multistep"``) the history of denoised predictions (K - 1, B, F, h, w,
+    C) zeros, K = coefs.shape[1] - 1 the solver order."""
+    lat = _pin(latents.astype(jnp.float32), config)
+    if config.sampler != "multistep":
+        return lat
+    return lat, jnp.zeros((coefs.shape[1] - 2,) + lat.shape, jnp.float32)
+
+
+def carry_latents(carry, config: GenerationConfig):
+    """The latents of a denoising carry (:func:`initial_carry`)."""
+    return carry[0] if config.sampler == "multistep" else carry
+
+
+def denoise_step(unet, params, cond: Guidance, carry, i, sigmas, timesteps, coefs, config: GenerationConfig):
+    """One sampler step at step index ``i`` (traced): the carry (:func:`initial_carry`) -> the next one.
+
+    sigmas (n + 1,), timesteps (n,), coefs (n, 1 + K) the multistep sampler's coefficients (unused by Euler)."""
     dt = jnp.dtype(config.dtype)
     cfg = config.cfg
+    lat = carry_latents(carry, config)
     sigma, sigma_next, t = sigmas[i], sigmas[i + 1], timesteps[i]
     emb, ids = cond.embeddings, cond.time_ids
     inp = denoiser_input(jnp.concatenate([lat, lat]) if cfg else lat, sigma, cond.image_latents, dt)
@@ -139,25 +158,29 @@ def denoise_step(unet, params, cond: Guidance, lat, i, sigmas, timesteps, config
     if cfg:
         v_u, v_c = jnp.split(v, 2)
         v = v_u + cond.scale * (v_c - v_u)
+    if config.sampler == "multistep":
+        x, history = multistep_update(v, lat, carry[1], sigma, coefs[i], config.prediction_type)
+        return _pin(x, config), history
     return _pin(step(v, lat, sigma, sigma_next, config.prediction_type), config)
 
 
 def denoise(unet, params, latents, embeddings, image_latents_, time_ids, sigmas, timesteps, guidance,
-            config: GenerationConfig):
+            config: GenerationConfig, coefs=None):
     """Every sampler step in one ``lax.scan``.
 
     Args:
       latents: (B, F, h, w, C) initial noisy latents (already scaled by the schedule's init_noise_sigma).
       embeddings: (B, 1, D); image_latents_: (B, h, w, C'); time_ids: (3,) [fps - 1, motion bucket, aug].
-      sigmas: (n + 1,); timesteps: (n,); guidance: (F,) per-frame CFG scale (used when ``config.cfg``).
+      sigmas: (n + 1,); timesteps: (n,); guidance: (F,) per-frame CFG scale (used when ``config.cfg``);
+      coefs: (n, 1 + K) a multistep sampler's coefficients (``config.sampler == "multistep"``).
     Returns:
       the final latents (B, F, h, w, C) float32.
     """
     unet = with_options(unet, config.model)
     cond = guidance_setup(latents, embeddings, image_latents_, time_ids, guidance, config)
-    body = lambda lat, i: (denoise_step(unet, params, cond, lat, i, sigmas, timesteps, config), None)
-    lat, _ = jax.lax.scan(body, _pin(latents.astype(jnp.float32), config), jnp.arange(timesteps.shape[0]))
-    return lat
+    body = lambda c, i: (denoise_step(unet, params, cond, c, i, sigmas, timesteps, coefs, config), None)
+    carry, _ = jax.lax.scan(body, initial_carry(latents, coefs, config), jnp.arange(timesteps.shape[0]))
+    return carry_latents(carry, config)
 
 
 def streams_decode(vae, latent_shape, chunk: int, config: GenerationConfig) -> bool:
@@ -213,14 +236,16 @@ def _decode_chunks(dec, z, n, c, d):
 
 
 def begin(modules: Modules, params, inputs: GenerationInputs, config: GenerationConfig):
-    """The stepwise generation's first program: conditioning -> (initial latents (B, F, h, w, C), Guidance)."""
+    """The stepwise generation's first program: conditioning -> (the initial carry (:func:`initial_carry`),
+    Guidance)."""
     emb, z_img = conditioning(modules, params, inputs, config)
     cond = guidance_setup(inputs.latents, emb, z_img, inputs.time_ids, inputs.guidance, config)
-    return _pin(inputs.latents.astype(jnp.float32), config), cond
+    return initial_carry(inputs.latents, inputs.solver_coefs, config), cond
 
 
-def finish(modules: Modules, params, latents, config: GenerationConfig):
-    """The stepwise generation's last program: the final latents -> what :func:`generate` returns."""
+def finish(modules: Modules, params, carry, config: GenerationConfig):
+    """The stepwise generation's last program: the final carry -> what :func:`generate` returns."""
+    latents = carry_latents(carry, config)
     return latents if config.latent_output else decode(modules.vae, params["vae"], latents, config)
 
 
@@ -233,7 +258,7 @@ def generate(modules: Modules, params, inputs: GenerationInputs, config: Generat
     """
     emb, z_img = conditioning(modules, params, inputs, config)
     lat = denoise(modules.unet, params["unet"], inputs.latents, emb, z_img, inputs.time_ids, inputs.sigmas,
-                  inputs.timesteps, inputs.guidance, config)
+                  inputs.timesteps, inputs.guidance, config, inputs.solver_coefs)
     if config.latent_output:
         return lat
     return decode(modules.vae, params["vae"], lat, config)
