@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from .options import REMAT_POLICIES  # no jax import: the CLI parses arguments before jax starts
+from .options import REMAT_POLICIES, SCHEDULER_NAMES  # no jax import: the CLI parses arguments before jax starts
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 DTYPES = ("float32", "bfloat16", "float16")  # the weights' dtypes (svd_jax.weights.FLAX_DTYPES; tested equal)
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=1024, help="frame width, a multiple of 8")
     g.add_argument("--num-frames", type=int, default=None, help="frames (default: the UNet config's num_frames)")
     g.add_argument("--steps", type=int, default=25, help="denoising steps")
+    g.add_argument("--scheduler", default="euler", choices=list(SCHEDULER_NAMES),
+                   help="sampler: euler (the model's EulerDiscrete), edm_euler, or edm_dpmsolver++ (DPM-Solver++ 2M, "
+                        "a second-order solver meant for fewer steps, e.g. --steps 12)")
     g.add_argument("--min-guidance", type=float, default=1.0, help="CFG scale of the first frame")
     g.add_argument("--max-guidance", type=float, default=3.0, help="CFG scale of the last frame (<= 1: CFG off)")
     g.add_argument("--fps", type=int, default=7, help="conditioning fps, and the frame rate of the output")
@@ -239,7 +242,8 @@ def _load(args, variant, dtype):
     from .pipeline import StableVideoDiffusionPipeline
 
     try:
-        return StableVideoDiffusionPipeline.from_pretrained(args.model, dtype=dtype, variant=variant)
+        return StableVideoDiffusionPipeline.from_pretrained(args.model, dtype=dtype, variant=variant,
+                                                            scheduler=args.scheduler)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise RuntimeError(f"--model {args.model}: not in the local hub cache, and the hub cannot be reached "
                            f"({type(e).__name__}); download it once while online, or pass --model /path/to/a/"

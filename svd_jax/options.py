@@ -28,6 +28,8 @@ ATTENTION_BACKENDS = ("auto", "xla", "blockwise", "cudnn", "pallas")
 REMAT_PARTS = ("blocks", "transformers", "layers")
 REMAT_POLICIES = ("none", "blocks", "transformers", "layers", "blocks+transformers", "blocks+layers",
                   "transformers+layers", "blocks+transformers+layers")
+# the samplers a pipeline runs by name (svd_jax/samplers.py; here so the CLI can list them without jax)
+SCHEDULER_NAMES = ("euler", "edm_euler", "edm_dpmsolver++")
 MiB = 2**20
 
 

@@ -40,13 +40,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from .options import SCHEDULER_NAMES
 from .scheduler import EulerSchedule, _readonly, _torch_linspace_f32
 
 SIGMA_SCHEDULES = ("karras", "exponential")
 EDM_PREDICTION_TYPES = ("v_prediction", "epsilon")
 SOLVER_TYPES = ("midpoint", "heun")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
-SCHEDULER_NAMES = ("euler", "edm_euler", "edm_dpmsolver++")
 # keys of SVD's EulerDiscreteScheduler config (and other diffusers configs) that mean nothing to these samplers
 _IGNORED = frozenset({
     "beta_start", "beta_end", "beta_schedule", "trained_betas", "interpolation_type", "use_karras_sigmas",

@@ -4,8 +4,9 @@
   trained ones (``TrainState.params``, with gradients, optimizer state and the optional EMA) and the frozen rest
   (``TrainState.frozen``): a frozen parameter never gets a gradient buffer or optimizer state.
 * ``trainable="lora"``: ``TrainState.params`` is a new adapter (``"<module>.lora_A"`` (r, in), ``".lora_B"`` (out, r)
-  per targeted linear layer), the whole UNet frozen; the loss adds ``(alpha / r) * B @ A`` to each targeted kernel
-  inside the program (:func:`svd_jax.lora.fuse`), so the gradients reach A and B only.
+  per targeted linear layer, float32), the whole UNet frozen, in the compute dtype; the loss adds
+  ``(alpha / r) * B @ A`` to each targeted kernel inside the program (:func:`svd_jax.lora.fuse`, in float32), so
+  the gradients reach A and B only.
 * Weights, gradients and optimizer state are float32 (the master copy); the UNet computes in the config's
   ``dtype`` (bfloat16 on TPU/GPU by default): its layers cast the float32 weights where they use them.
 * A batch is pixels (``{"pixels": (B, F, H, W, 3) in [-1, 1], "fps": (B,), "motion_bucket_id": (B,)}``), whose
@@ -201,9 +202,14 @@ class TrainStep:
             shapes = linear_modules(unet_params)
         r = self.config.lora_rank
 
+        # A LoRA run's base is never updated and the layers use it in the compute dtype: keep it in that dtype
+        # (half the bytes on TPU/GPU; float32 on CPU). Full/temporal runs keep frozen weights float32, since they
+        # are exported as they are; a LoRA run exports its adapter, fused only into the original base weights.
+        frozen_dtype = self.dtype if self.lora else jnp.float32
+
         def build(flat, rng):
             params = {k: v.astype(jnp.float32) for k, v in flat.items() if k in keys}
-            frozen = {k: v.astype(jnp.float32) for k, v in flat.items() if k not in keys}
+            frozen = {k: v.astype(frozen_dtype) for k, v in flat.items() if k not in keys}
             if self.lora:
                 init = jax.random.split(jax.random.fold_in(rng, LORA_INIT), len(self.lora_modules))
                 for m, key in zip(self.lora_modules, init):
@@ -399,7 +405,7 @@ class TrainStep:
 
     def trained_params(self, state: TrainState, ema: bool = False) -> dict:
         """The UNet's full nested parameter tree after training (the EMA weights with ``ema=True``); for LoRA the
-        adapter fused into the base."""
+        adapter fused into the state's base (in the compute dtype: export fuses into the original weights)."""
         if ema and state.ema is None:
             raise ValueError("this run keeps no EMA (TrainConfig.ema_decay is None)")
         return self._unet_params(state.ema if ema else state.params, state.frozen)

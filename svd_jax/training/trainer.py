@@ -245,13 +245,26 @@ def train(model: str | os.PathLike, data: str | os.PathLike, output: str | os.Pa
     checkpointer.close()
     exported = None
     use_ema = config.ema_decay is not None if export_ema is None else export_ema
-    if step.lora and _is_main():  # the adapter is the run's result: always written
-        from ..lora import save_lora
+    lora = None
+    if step.lora:  # the adapter is the run's result: always written (gathered on every process: a collective)
+        trained = _host(state.ema if use_ema else state.params)
+        lora = step.trained_lora(state.replace(params=trained, ema=trained))
+        if _is_main():
+            from ..lora import save_lora
 
-        exported = save_lora(step.trained_lora(state, ema=use_ema), out,
-                             base_model_name_or_path=str(model))
+            exported = save_lora(lora, out, base_model_name_or_path=str(model))
     if export and (not step.lora or export_fused):
-        params = _host(step.trained_params(state, ema=use_ema))
+        params = None
+        if not step.lora:
+            params = _host(step.trained_params(state, ema=use_ema))
+        elif _is_main():  # fused into the base weights as stored, not the state's compute-dtype copy
+            from ..lora import apply_lora
+            from ..models import UNetSpatioTemporalConditionModel
+
+            _, base = UNetSpatioTemporalConditionModel.from_pretrained(model, "unet", jnp.float32, variant=variant,
+                                                                       local_files_only=local_files_only)
+            params = jax.device_get(apply_lora(base, lora))
+            del base
         if _is_main():
             exported = export_pipeline(model, pipe.unet, params, out, dtype=export_dtype, variant=variant,
                                        local_files_only=local_files_only)
