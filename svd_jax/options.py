@@ -132,6 +132,9 @@ class GenerationConfig:
       partitioner: the :class:`~svd_jax.sharding.Partitioner` of a sharded program, or None (one device).
       sampler: how a step updates the latents: ``"euler"`` (svd_jax/scheduler.py ``step``; the Euler and EDM
         Euler schedulers) or ``"multistep"`` (DPM-Solver++, svd_jax/samplers.py, its history in the carry).
+      callback_steps: every this many steps (and after the last) the program hands the latents to the host
+        (``io_callback``, svd_jax/pipeline/stages.py ``host_callback``); None: no host callback (the program
+        can then be kept in the persistent compile cache).
     """
 
     cfg: bool
@@ -145,6 +148,7 @@ class GenerationConfig:
     model: ModelOptions
     partitioner: object | None = None
     sampler: str = "euler"
+    callback_steps: int | None = None
 
     @property
     def data_size(self) -> int:

@@ -148,3 +148,39 @@ def test_multistep_stepwise_and_a_replaced_scheduler(tiny_pipeline):
     stepwise = np.asarray(pipe(image, progress=True, **kw).frames)
     assert rel_err(stepwise, one) <= 1e-5
     assert rel_err(one, euler) > 1e-3  # another sampler, another result
+
+
+def test_step_callbacks(tiny_pipeline):
+    """callback_on_step_end: called on the host in step order every k steps and after the last, with the noise
+    level and the latents (the last ones are the output); one program for any function; the stepwise path too."""
+    _, folder = tiny_pipeline
+    pipe = StableVideoDiffusionPipeline.from_pretrained(folder, scheduler="edm_dpmsolver++")
+    image = _image()
+    kw = dict(height=H, width=W, num_frames=F, seed=5, num_inference_steps=5, output_type="latent")
+    plain = np.asarray(pipe(image, **kw).frames)
+    seen = []
+    out = pipe(image, callback_on_step_end=lambda i, s, lat: seen.append((i, s, lat.copy())), callback_steps=2,
+               **kw).frames
+    sigmas = pipe.scheduler.set_timesteps(5).sigmas
+    assert [i for i, _, _ in seen] == [1, 3, 4]
+    assert [s for _, s, _ in seen] == [float(sigmas[i + 1]) for i in (1, 3, 4)]
+    assert isinstance(seen[-1][2], np.ndarray) and seen[-1][2].shape == plain.shape
+    np.testing.assert_array_equal(seen[-1][2], np.asarray(out))
+    assert rel_err(np.asarray(out), plain) <= 1e-6  # the callback observes, it changes nothing
+    count = pipe.trace_count
+    other = []
+    pipe(image, callback_on_step_end=lambda i, s, lat: other.append(i), callback_steps=2, **kw)
+    assert other == [1, 3, 4] and pipe.trace_count == count  # a new function, the same program
+    stepwise = []
+    pipe(image, progress=True, callback_on_step_end=lambda i, s, lat: stepwise.append((i, s)), **kw)
+    assert [i for i, _ in stepwise] == [0, 1, 2, 3, 4] and stepwise[-1][1] == float(sigmas[5])
+
+    def boom(i, s, lat):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(Exception, match="stop here"):
+        pipe(image, callback_on_step_end=boom, **kw)
+    with pytest.raises(ValueError, match="callback_on_step_end must be a function"):
+        pipe(image, callback_on_step_end=3, **kw)
+    with pytest.raises(ValueError, match="callback_steps must be a positive integer"):
+        pipe(image, callback_on_step_end=boom, callback_steps=0, **kw)

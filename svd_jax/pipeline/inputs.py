@@ -103,6 +103,10 @@ class GenerationRequest:
     seed / rng: an int or a jax PRNG key; it is split into (image-noise key, latent key).
     latents: (B, F, h, w, C) unit-variance noise (scaled by init_noise_sigma inside, as diffusers).
     output_type: "pil", "np" or "latent". progress: show a progress bar over denoising steps.
+    callback_on_step_end: ``fn(step, sigma, latents)`` called on the host after every ``callback_steps``-th
+      denoising step (and after the last): ``step`` the 0-based index of the step just taken, ``sigma`` (float)
+      the noise level the latents are now at, ``latents`` (B', F, h, w, C) float32 numpy (B' >= B: a batch
+      padded for a mesh included). Calls come in step order; an exception in ``fn`` fails the generation.
     """
 
     height: int = 576
@@ -122,6 +126,8 @@ class GenerationRequest:
     latents: Any = None
     output_type: str = "pil"
     progress: bool = False
+    callback_on_step_end: Any = None
+    callback_steps: int = 1
 
     @classmethod
     def from_kwargs(cls, where: str, kwargs: dict) -> GenerationRequest:
@@ -178,6 +184,12 @@ def check(req: GenerationRequest, num_frames: int, chunk: int, scale: int) -> No
         raise ValueError(f"fps must be > 0 (the UNet is conditioned on fps - 1); got {req.fps}")
     if req.noise_aug_strength < 0:
         raise ValueError(f"noise_aug_strength must be >= 0; got {req.noise_aug_strength}")
+    if req.callback_on_step_end is not None and not callable(req.callback_on_step_end):
+        raise ValueError(f"callback_on_step_end must be a function fn(step, sigma, latents); got "
+                         f"{type(req.callback_on_step_end).__name__}")
+    _pos_int("callback_steps", req.callback_steps)
+    if req.callback_on_step_end is not None and jax.process_count() > 1:
+        raise ValueError("callback_on_step_end runs on one host; it is not supported with several processes")
     if req.output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {req.output_type!r}")
     if req.min_guidance_scale > req.max_guidance_scale:
@@ -275,7 +287,8 @@ def prepare(pipe, image, req: GenerationRequest):
         cfg=cfg, decode_chunk_size=chunk, latent_output=req.output_type == "latent",
         dtype=jnp.dtype(pipe.dtype).name, prediction_type=pipe.scheduler.prediction_type,
         clip_mean=pipe.image_mean, clip_std=pipe.image_std, stream_decode_bytes=pipe.stream_decode_bytes,
-        model=model, partitioner=part, sampler=kind)
+        model=model, partitioner=part, sampler=kind,
+        callback_steps=req.callback_steps if req.callback_on_step_end is not None and not req.progress else None)
     inputs = GenerationInputs(
         clip_images=np.asarray(clip_images, np.float32), vae_images=np.asarray(vae_images, np.float32),
         image_noise=np.asarray(image_noise), latents=latents, video_src=video_src,

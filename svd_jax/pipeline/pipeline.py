@@ -206,9 +206,10 @@ class StableVideoDiffusionPipeline:
         return stages.denoise_step(unet, _with_unfused_lora(params)["unet"], cond, carry, i, sigmas, timesteps,
                                    coefs, config)
 
-    def _run_stepwise(self, inputs, config):
+    def _run_stepwise(self, inputs, config, callback=None, callback_steps=1):
         """The generation with a progress bar: begin, one program call per step (the bar advances as each
-        finishes), finish. Each program is compiled once per configuration and persists in the compile cache."""
+        finishes), finish. Each program is compiled once per configuration and persists in the compile cache.
+        ``callback(step, sigma, latents)`` is called from this loop (no host callback in the programs)."""
         lat, cond = self._begin(self.params, inputs, config=config)
         n = int(np.shape(inputs.timesteps)[0])
         progress.start(n)
@@ -218,6 +219,9 @@ class StableVideoDiffusionPipeline:
                                  inputs.solver_coefs, config=config)
                 jax.block_until_ready(lat)
                 progress.tick()
+                if callback is not None and ((i + 1) % callback_steps == 0 or i == n - 1):
+                    callback(i, float(inputs.sigmas[i + 1]),
+                             _to_host(stages.carry_latents(lat, config)))
         finally:
             progress.close()
         return self._finish(self.params, lat, config=config)
@@ -233,7 +237,11 @@ class StableVideoDiffusionPipeline:
             or sigmas (explicit, terminal value included), min_guidance_scale (1), max_guidance_scale (3; CFG
             off when <= 1), fps (7), motion_bucket_id (127), noise_aug_strength (0.02), decode_chunk_size (all
             frames of a video), num_videos_per_prompt (1), seed / rng (an int or a jax PRNG key), latents
-            ((B, F, h, w, C) unit noise), output_type ("pil", "np" or "latent"), progress (a progress bar).
+            ((B, F, h, w, C) unit noise), output_type ("pil", "np" or "latent"), progress (a progress bar),
+            callback_on_step_end (``fn(step, sigma, latents)`` on the host every callback_steps (1) steps and
+            after the last; latents (B', F, h, w, C) numpy). A callback costs one device-to-host copy of the
+            latents per call, and its program (an ``io_callback``) is not kept in the persistent compile cache:
+            it compiles once per process; the same program serves every callback function.
           return_dict: wrap the frames in :class:`StableVideoDiffusionPipelineOutput`.
 
         Returns:
@@ -246,11 +254,16 @@ class StableVideoDiffusionPipeline:
         if self.partitioner is not None:
             inputs = inputs.place(self.partitioner)
         if req.progress:
-            out = self._run_stepwise(inputs, config)
-        elif program is not None:
-            out = program(self.params, inputs)
+            out = self._run_stepwise(inputs, config, req.callback_on_step_end, req.callback_steps)
         else:
-            out = self._jitted(self.params, inputs, config=config)
+            previous = stages.set_callback(req.callback_on_step_end)
+            try:
+                out = program(self.params, inputs) if program is not None else \
+                    self._jitted(self.params, inputs, config=config)
+                if config.callback_steps is not None:
+                    jax.effects_barrier()  # every callback has run before the call returns
+            finally:
+                stages.set_callback(previous)
         if bp > b:
             out = out[:b]
         if req.output_type == "latent":

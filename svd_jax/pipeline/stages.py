@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import preprocessing as pre
 from ..models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
@@ -164,6 +165,39 @@ def denoise_step(unet, params, cond: Guidance, carry, i, sigmas, timesteps, coef
     return _pin(step(v, lat, sigma, sigma_next, config.prediction_type), config)
 
 
+# The host function of the generation's step callbacks: set by the pipeline for the duration of one call (a
+# program holds a reference to host_callback only, so one compiled program serves every user function).
+_CALLBACK = None
+
+
+def host_callback(step, sigma, latents) -> None:
+    """Called by the compiled program (``io_callback``): forwards to the current callback, the latents as numpy
+    (jax hands host callbacks numpy or jax CPU arrays depending on its version)."""
+    if _CALLBACK is not None:
+        _CALLBACK(int(step), float(sigma), np.asarray(latents))
+
+
+def set_callback(fn):
+    """Make ``fn(step, sigma, latents)`` the function :func:`host_callback` forwards to; returns the previous."""
+    global _CALLBACK
+    previous, _CALLBACK = _CALLBACK, fn
+    return previous
+
+
+def _maybe_callback(carry, i, sigmas, n, config: GenerationConfig):
+    """After step ``i``: hand the latents to the host every ``config.callback_steps`` steps and after the last
+    (ordered: the calls keep the steps' order)."""
+    k = config.callback_steps
+    if k is None:
+        return
+    from jax.experimental import io_callback
+
+    lat = carry_latents(carry, config)
+    due = ((i + 1) % k == 0) | (i == n - 1)
+    jax.lax.cond(due, lambda: io_callback(host_callback, None, i, sigmas[i + 1], lat, ordered=True),
+                 lambda: None)
+
+
 def denoise(unet, params, latents, embeddings, image_latents_, time_ids, sigmas, timesteps, guidance,
             config: GenerationConfig, coefs=None):
     """Every sampler step in one ``lax.scan``.
@@ -178,8 +212,14 @@ def denoise(unet, params, latents, embeddings, image_latents_, time_ids, sigmas,
     """
     unet = with_options(unet, config.model)
     cond = guidance_setup(latents, embeddings, image_latents_, time_ids, guidance, config)
-    body = lambda c, i: (denoise_step(unet, params, cond, c, i, sigmas, timesteps, coefs, config), None)
-    carry, _ = jax.lax.scan(body, initial_carry(latents, coefs, config), jnp.arange(timesteps.shape[0]))
+    n = timesteps.shape[0]
+
+    def body(c, i):
+        c = denoise_step(unet, params, cond, c, i, sigmas, timesteps, coefs, config)
+        _maybe_callback(c, i, sigmas, n, config)
+        return c, None
+
+    carry, _ = jax.lax.scan(body, initial_carry(latents, coefs, config), jnp.arange(n))
     return carry_latents(carry, config)
 
 
