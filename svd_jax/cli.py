@@ -250,8 +250,17 @@ def _load(args, variant, dtype):
                            "local/pipeline/folder") from e
 
 
+def _cpu_defaults(args) -> None:
+    """XLA:CPU's faster settings for svd-jax, before jax starts (svd_jax/xla_defaults.py; SVD_JAX_CPU_DEFAULTS=0
+    keeps XLA's)."""
+    from .xla_defaults import apply_cpu_defaults
+
+    apply_cpu_defaults()
+
+
 def _generate(args) -> int:
     check_generate_args(args)
+    _cpu_defaults(args)
     variant = {"auto": "fp16" if args.model == DEFAULT_MODEL else None, "none": None}.get(args.variant, args.variant)
     from .compile_cache import enable_compile_cache
     from .video import load_image, save_video
@@ -340,6 +349,7 @@ def check_train_args(args):
 
 def _train(args) -> int:
     config = check_train_args(args)
+    _cpu_defaults(args)
     import jax
 
     from .training.trainer import train
