@@ -357,7 +357,8 @@ def main():
     print(f"  XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
     print(f"  command: python {' '.join(sys.argv)}")
     if not args.no_state_report:
-        print("\nTrain state bytes (GiB) from step.abstract_state (float32; AdamW mu + nu for the trained weights):")
+        print("\nTrain state bytes (GiB) from step.abstract_state (float32, LoRA's frozen base bf16; AdamW mu + nu"
+              " for the trained weights):")
         print(f"  {'trained':>8} {'devices':>7} | {'#trained':>8} {'#frozen':>7} | {'trained W':>9} {'frozen W':>8} "
               f"{'AdamW':>7} {'state':>7} | {'+ grads':>7}")
         for dev in sorted({1, *(int(d) for d in args.devices.split(","))}):
