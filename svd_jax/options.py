@@ -135,6 +135,8 @@ class GenerationConfig:
       callback_steps: every this many steps (and after the last) the program hands the latents to the host
         (``io_callback``, svd_jax/pipeline/stages.py ``host_callback``); None: no host callback (the program
         can then be kept in the persistent compile cache).
+      deep_cache: step caching (DeepCache) as (interval N, branch b): every N-th step runs the whole UNet, the
+        others only its b shallowest levels on the deep features kept from the last full step; None: off.
     """
 
     cfg: bool
@@ -149,6 +151,7 @@ class GenerationConfig:
     partitioner: object | None = None
     sampler: str = "euler"
     callback_steps: int | None = None
+    deep_cache: tuple[int, int] | None = None
 
     @property
     def data_size(self) -> int:

@@ -20,9 +20,9 @@ def test_device_benchmark_tiny_mode_runs(fast_xla_flags):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     rows = [ln for ln in out.splitlines() if ln.startswith(("svd-jax ", "diffusers "))]
-    assert len(rows) == 5, out
+    assert len(rows) == 6, out  # auto euler + dpm, diffusers euler + dpm, blockwise, cudnn
     done = [ln for ln in rows if "failed" not in ln and "skipped" not in ln]
     # every row but cudnn attention (GPU only) measured; svd-jax rows carry the ratio to diffusers
-    assert len(done) == 4 and all("cudnn" in ln for ln in rows if ln not in done), out
-    assert sum(ln.rstrip().endswith("x") for ln in done if ln.startswith("svd-jax")) == 2, out
+    assert len(done) == 5 and all("cudnn" in ln for ln in rows if ln not in done), out
+    assert sum(ln.rstrip().endswith("x") for ln in done if ln.startswith("svd-jax")) == 3, out
     assert "derived UNet step" in out and "total" in out

@@ -42,9 +42,11 @@ UP_TYPES = ("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal")
 
 @flax.struct.dataclass
 class UNetOutput:
-    """sample: (B, F, h, w, out_channels), the model prediction (v for SVD)."""
+    """sample: (B, F, h, w, out_channels), the model prediction (v for SVD); deep: with ``cache_branch``, the
+    features (B*F, h', w', C') entering up block ``n - cache_branch`` (what a cached call reuses), else None."""
 
     sample: jax.Array
+    deep: jax.Array | None = None
 
 
 class BasicTransformerBlock(nn.Module):
@@ -295,7 +297,16 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
             raise ValueError(f"UNet added_time_ids must be ({b}, {n_ids}); got {tuple(added_time_ids.shape)}")
 
     @nn.compact
-    def __call__(self, sample, timestep, encoder_hidden_states, added_time_ids) -> UNetOutput:
+    def __call__(self, sample, timestep, encoder_hidden_states, added_time_ids, cache_branch: int | None = None,
+                 deep_features=None) -> UNetOutput:
+        """The prediction for sample (B, F, h, w, in_channels), timestep () or (B,), encoder_hidden_states
+        (B, 1, D), added_time_ids (B, 3).
+
+        Step caching (DeepCache): with ``cache_branch`` b (1 <= b <= number of levels) the output also carries
+        ``deep``, the features entering up block ``n - b`` (n levels); given those as ``deep_features`` (from an
+        earlier call at another noise level), only the b shallowest down blocks and the b shallowest up blocks run
+        (with the skips those down blocks make): the mid block and everything deeper are reused.
+        """
         self._check_inputs(sample, timestep, encoder_hidden_states, added_time_ids)
         dt, pt, o = self.dtype, self.param_dtype, self.options
         n, heads, _, layers, tlayers = self._levels()
@@ -324,23 +335,41 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
         skips = [x]
         opts = dict(chunk_size=self.forward_chunk_size, chunk_dim=self.forward_chunk_dim, dtype=dt, param_dtype=pt,
                     options=o)
-        for i, kind in enumerate(self.down_block_types):
+        if cache_branch is not None and not 1 <= cache_branch <= n:
+            raise ValueError(f"cache_branch must be in 1..{n} (the UNet's levels); got {cache_branch}")
+        cached = deep_features is not None
+        if cached and cache_branch is None:
+            raise ValueError("deep_features need the cache_branch they were made with")
+        down = range(cache_branch) if cached else range(n)
+        for i in down:
+            kind = self.down_block_types[i]
             eps = 1e-6 if kind.startswith("CrossAttn") else 1e-5  # diffusers ignores the resnet_eps it passes
             x, outs = block(kind, self.block_out_channels[i], layers[i], _per_layer(tlayers[i], layers[i]), heads[i],
                             eps, i < n - 1, **opts, name=f"down_blocks_{i}")(x, emb, ehs, ind, None, None)
             x = c(x)
             skips += [c(o) for o in outs]
-        x = block("mid", self.block_out_channels[-1], 1, _per_layer(tlayers[-1], 1), heads[-1], 1e-5, False,
-                  **opts, name="mid_block")(x, emb, ehs, ind, None, None)
-        x = c(x)
+        if cached:  # the shallow up blocks consume these skips; a last down-sampler output belongs to deeper ones
+            skips = skips[:1 + sum(layers[j] + 1 for j in range(cache_branch)) - (1 if cache_branch < n else 0)]
+        else:
+            x = block("mid", self.block_out_channels[-1], 1, _per_layer(tlayers[-1], 1), heads[-1], 1e-5, False,
+                      **opts, name="mid_block")(x, emb, ehs, ind, None, None)
+            x = c(x)
 
         # Up-samplers get the skip's size when the latent is not divisible by 2^(levels-1) (odd sizes).
         up_factor = 2 ** (n - 1)
         forward_size = hh % up_factor != 0 or ww % up_factor != 0
         rev = lambda v: list(reversed(v))
         r_ch, r_heads, r_layers, r_tl = rev(self.block_out_channels), rev(heads), rev(layers), rev(tlayers)
+        deep = None
+        first_up = n - cache_branch if cache_branch is not None else None
+        if cached:
+            x = deep_features.astype(dt)
         for i, kind in enumerate(self.up_block_types):
             nl = r_layers[i] + 1
+            if i == first_up:
+                deep = x
+            if cached and i < first_up:
+                continue
             block_skips = skips[-nl:]
             skips = skips[:-nl]
             size = skips[-1].shape[1:3] if (forward_size and i < n - 1) else None
@@ -350,7 +379,7 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
 
         x = nn.silu(GroupNorm(32, 1e-5, dt, pt, o.remats("layers"), name="conv_norm_out")(x))
         x = conv(self.out_channels, (3, 3), "conv_out", dt, pt, o)(x)
-        return UNetOutput(sample=x.reshape((b, f) + x.shape[1:]))
+        return UNetOutput(sample=x.reshape((b, f) + x.shape[1:]), deep=None if cached else deep)
 
     def init_params_abstract(self):
         """The parameter tree as ``jax.ShapeDtypeStruct``s (no compute, no memory)."""

@@ -107,6 +107,11 @@ class GenerationRequest:
       denoising step (and after the last): ``step`` the 0-based index of the step just taken, ``sigma`` (float)
       the noise level the latents are now at, ``latents`` (B', F, h, w, C) float32 numpy (B' >= B: a batch
       padded for a mesh included). Calls come in step order; an exception in ``fn`` fails the generation.
+    cache_interval, cache_branch: step caching (DeepCache-style, off by default): every ``cache_interval``-th
+      step (from the first) runs the whole UNet and keeps the features entering its up block
+      ``levels - cache_branch``; the steps between run only the ``cache_branch`` shallowest down and up blocks on
+      them. ``cache_interval=1`` runs every step whole (the exact generation). An approximation: its quality on
+      the real weights is not measured here.
     """
 
     height: int = 576
@@ -128,6 +133,8 @@ class GenerationRequest:
     progress: bool = False
     callback_on_step_end: Any = None
     callback_steps: int = 1
+    cache_interval: int | None = None
+    cache_branch: int = 1
 
     @classmethod
     def from_kwargs(cls, where: str, kwargs: dict) -> GenerationRequest:
@@ -188,6 +195,9 @@ def check(req: GenerationRequest, num_frames: int, chunk: int, scale: int) -> No
         raise ValueError(f"callback_on_step_end must be a function fn(step, sigma, latents); got "
                          f"{type(req.callback_on_step_end).__name__}")
     _pos_int("callback_steps", req.callback_steps)
+    if req.cache_interval is not None:
+        _pos_int("cache_interval", req.cache_interval)
+        _pos_int("cache_branch", req.cache_branch)
     if req.callback_on_step_end is not None and jax.process_count() > 1:
         raise ValueError("callback_on_step_end runs on one host; it is not supported with several processes")
     if req.output_type not in OUTPUT_TYPES:
@@ -251,6 +261,9 @@ def prepare(pipe, image, req: GenerationRequest):
     chunk = num_frames if req.decode_chunk_size is None else req.decode_chunk_size
     scale = pipe.vae_scale_factor
     check(req, num_frames, chunk, scale)
+    levels = len(pipe.unet.block_out_channels)
+    if req.cache_interval is not None and req.cache_branch > levels:
+        raise ValueError(f"cache_branch must be in 1..{levels} (the UNet's levels); got {req.cache_branch}")
     check_byte_budget("stream_decode_bytes", pipe.stream_decode_bytes, minimum=0)  # 0: always streamed
     clip_images, vae_images = prepare_images(image, req.height, req.width)
     n = clip_images.shape[0]
@@ -288,7 +301,8 @@ def prepare(pipe, image, req: GenerationRequest):
         dtype=jnp.dtype(pipe.dtype).name, prediction_type=pipe.scheduler.prediction_type,
         clip_mean=pipe.image_mean, clip_std=pipe.image_std, stream_decode_bytes=pipe.stream_decode_bytes,
         model=model, partitioner=part, sampler=kind,
-        callback_steps=req.callback_steps if req.callback_on_step_end is not None and not req.progress else None)
+        callback_steps=req.callback_steps if req.callback_on_step_end is not None and not req.progress else None,
+        deep_cache=None if req.cache_interval is None else (req.cache_interval, req.cache_branch))
     inputs = GenerationInputs(
         clip_images=np.asarray(clip_images, np.float32), vae_images=np.asarray(vae_images, np.float32),
         image_noise=np.asarray(image_noise), latents=latents, video_src=video_src,

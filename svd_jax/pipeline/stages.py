@@ -122,47 +122,92 @@ def guidance_setup(latents, embeddings, image_latents_, time_ids, guidance, conf
     return Guidance(emb, z_img, ids, guidance.astype(jnp.float32)[None, :, None, None, None])
 
 
-def initial_carry(latents, coefs, config: GenerationConfig):
+def initial_carry(latents, coefs, config: GenerationConfig, deep=None):
     """The denoising loop's carry before the first step: the latents (B, F, h, w, C) float32, plus for a
     multistep sampler (``config.sampler == "multistep"``) the history of denoised predictions (K - 1, B, F, h, w,
-    C) zeros, K = coefs.shape[1] - 1 the solver order."""
+    C) zeros, K = coefs.shape[1] - 1 the solver order; with step caching (``config.deep_cache``) the pair
+    (that, the cached deep features ``deep``: zeros of :func:`deep_cache_shape`)."""
     lat = _pin(latents.astype(jnp.float32), config)
-    if config.sampler != "multistep":
-        return lat
-    return lat, jnp.zeros((coefs.shape[1] - 2,) + lat.shape, jnp.float32)
+    inner = lat if config.sampler != "multistep" else (lat, jnp.zeros((coefs.shape[1] - 2,) + lat.shape, jnp.float32))
+    return inner if config.deep_cache is None else (inner, deep)
+
+
+def _unwrap(carry, config: GenerationConfig):
+    """(the sampler's carry, the cached deep features or None)."""
+    return carry if config.deep_cache is not None else (carry, None)
 
 
 def carry_latents(carry, config: GenerationConfig):
     """The latents of a denoising carry (:func:`initial_carry`)."""
-    return carry[0] if config.sampler == "multistep" else carry
+    inner, _ = _unwrap(carry, config)
+    return inner[0] if config.sampler == "multistep" else inner
+
+
+def _model_inputs(cond: Guidance, lat, sigma, t, config: GenerationConfig):
+    """The UNet's (sample, timestep, embeddings, time_ids) for latents at ``sigma``: with CFG both halves, stacked
+    on a new leading axis of 2 when they run one after the other."""
+    dt = jnp.dtype(config.dtype)
+    inp = denoiser_input(jnp.concatenate([lat, lat]) if config.cfg else lat, sigma, cond.image_latents, dt)
+    args = (inp, t, cond.embeddings, cond.time_ids)
+    if config.cfg and config.sequential_cfg:
+        halves = lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:])
+        args = (halves(inp), jnp.stack([t, t]), halves(cond.embeddings), halves(cond.time_ids))
+    return args
+
+
+def _run_unet(unet, params, args, config: GenerationConfig, deep=None, full: bool = True):
+    """The UNet's prediction (float32, CFG halves still separate) and, with step caching, the deep features:
+    a full pass makes them, a cached pass (``full=False``) reuses ``deep``."""
+    branch = None if config.deep_cache is None else config.deep_cache[1]
+
+    def one(a, d):
+        sample, t, emb, ids = a
+        out = unet.apply({"params": params}, sample, t, emb, ids, cache_branch=branch,
+                         deep_features=None if full else d)
+        return out.sample.astype(jnp.float32), (out.deep if full else d)
+
+    if config.cfg and config.sequential_cfg:
+        # The two CFG halves one after the other (a scan of 2): the same maths per sample, about half the
+        # UNet's activation memory. Not with a data axis, which splits the halves over devices.
+        v, d = jax.lax.map(lambda xs: one(xs[0], xs[1]), (args, deep))
+        return v.reshape((-1,) + v.shape[2:]), d
+    return one(args, deep)
+
+
+def deep_cache_shape(unet, params, cond: Guidance, latents, config: GenerationConfig):
+    """The ShapeDtypeStruct of the cached deep features of step caching (None without it)."""
+    if config.deep_cache is None:
+        return None
+    lat = jnp.asarray(latents, jnp.float32)
+    args = _model_inputs(cond, lat, jnp.float32(1.0), jnp.float32(0.0), config)
+    return jax.eval_shape(lambda a: _run_unet(unet, params, a, config)[1], args)
 
 
 def denoise_step(unet, params, cond: Guidance, carry, i, sigmas, timesteps, coefs, config: GenerationConfig):
     """One sampler step at step index ``i`` (traced): the carry (:func:`initial_carry`) -> the next one.
 
-    sigmas (n + 1,), timesteps (n,), coefs (n, 1 + K) the multistep sampler's coefficients (unused by Euler)."""
-    dt = jnp.dtype(config.dtype)
-    cfg = config.cfg
+    sigmas (n + 1,), timesteps (n,), coefs (n, 1 + K) the multistep sampler's coefficients (unused by Euler).
+    With step caching (``config.deep_cache`` = (interval, branch)) every interval-th step (from step 0) runs the
+    whole UNet and keeps its deep features; the steps between run only the shallow branch on them."""
+    inner, deep = _unwrap(carry, config)
     lat = carry_latents(carry, config)
     sigma, sigma_next, t = sigmas[i], sigmas[i + 1], timesteps[i]
-    emb, ids = cond.embeddings, cond.time_ids
-    inp = denoiser_input(jnp.concatenate([lat, lat]) if cfg else lat, sigma, cond.image_latents, dt)
-    run = lambda a: velocity(unet, params, *a)
-    if cfg and config.sequential_cfg:
-        # The two CFG halves one after the other (a scan of 2): the same maths per sample, about half the
-        # UNet's activation memory. Not with a data axis, which splits the halves over devices.
-        halves = lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:])
-        v = jax.lax.map(run, (halves(inp), jnp.stack([t, t]), halves(emb), halves(ids)))
-        v = v.reshape((-1,) + v.shape[2:])
+    args = _model_inputs(cond, lat, sigma, t, config)
+    if config.deep_cache is None or config.deep_cache[0] == 1:
+        v, deep = _run_unet(unet, params, args, config, deep, full=True)
     else:
-        v = run((inp, t, emb, ids))
-    if cfg:
+        v, deep = jax.lax.cond(i % config.deep_cache[0] == 0,
+                               lambda d: _run_unet(unet, params, args, config, d, full=True),
+                               lambda d: _run_unet(unet, params, args, config, d, full=False), deep)
+    if config.cfg:
         v_u, v_c = jnp.split(v, 2)
         v = v_u + cond.scale * (v_c - v_u)
     if config.sampler == "multistep":
-        x, history = multistep_update(v, lat, carry[1], sigma, coefs[i], config.prediction_type)
-        return _pin(x, config), history
-    return _pin(step(v, lat, sigma, sigma_next, config.prediction_type), config)
+        x, history = multistep_update(v, lat, inner[1], sigma, coefs[i], config.prediction_type)
+        inner = (_pin(x, config), history)
+    else:
+        inner = _pin(step(v, lat, sigma, sigma_next, config.prediction_type), config)
+    return inner if config.deep_cache is None else (inner, deep)
 
 
 # The host function of the generation's step callbacks: set by the pipeline for the duration of one call (a
@@ -219,7 +264,9 @@ def denoise(unet, params, latents, embeddings, image_latents_, time_ids, sigmas,
         _maybe_callback(c, i, sigmas, n, config)
         return c, None
 
-    carry, _ = jax.lax.scan(body, initial_carry(latents, coefs, config), jnp.arange(n))
+    deep = deep_cache_shape(unet, params, cond, latents, config)
+    deep = None if deep is None else jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), deep)
+    carry, _ = jax.lax.scan(body, initial_carry(latents, coefs, config, deep), jnp.arange(n))
     return carry_latents(carry, config)
 
 
@@ -280,7 +327,10 @@ def begin(modules: Modules, params, inputs: GenerationInputs, config: Generation
     Guidance)."""
     emb, z_img = conditioning(modules, params, inputs, config)
     cond = guidance_setup(inputs.latents, emb, z_img, inputs.time_ids, inputs.guidance, config)
-    return initial_carry(inputs.latents, inputs.solver_coefs, config), cond
+    unet = with_options(modules.unet, config.model)
+    deep = deep_cache_shape(unet, params["unet"], cond, inputs.latents, config)
+    deep = None if deep is None else jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), deep)
+    return initial_carry(inputs.latents, inputs.solver_coefs, config, deep), cond
 
 
 def finish(modules: Modules, params, carry, config: GenerationConfig):
