@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ..options import DEFAULT_OPTIONS, ModelOptions
-from ..weights import DIFFUSERS_WEIGHTS, CheckpointError, PretrainedMixin, check_class_name, config_fields
+from ..weights import DIFFUSERS_WEIGHTS, CheckpointError, PretrainedMixin, check_class_name, config_fields, sgm
 from .layers import (
     AlphaBlender,
     Attention,
@@ -239,6 +239,17 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
     options: ModelOptions = DEFAULT_OPTIONS
 
     _weights_names = (DIFFUSERS_WEIGHTS,)
+    _sgm_prefixes = (sgm.UNET_PREFIX,)
+
+    @classmethod
+    def _sgm_name(cls, name: str, module) -> str:
+        return sgm.unet_sgm_name(name, module)
+
+    @classmethod
+    def _single_file_default_config(cls) -> dict:
+        from ..configs import SVD_XT_UNET
+
+        return dict(SVD_XT_UNET)
 
     @classmethod
     def from_config(cls, config, dtype=jnp.float32, **fields):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ..options import DEFAULT_OPTIONS, ModelOptions
-from ..weights import DIFFUSERS_WEIGHTS, CheckpointError, PretrainedMixin, check_class_name, config_fields
+from ..weights import DIFFUSERS_WEIGHTS, CheckpointError, PretrainedMixin, check_class_name, config_fields, sgm
 from .layers import (
     Attention,
     Downsample2D,
@@ -287,6 +287,17 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
     options: ModelOptions = DEFAULT_OPTIONS
 
     _weights_names = (DIFFUSERS_WEIGHTS,)
+    _sgm_prefixes = (sgm.VAE_DECODER_PREFIX, sgm.VAE_ENCODER_PREFIX)
+
+    @classmethod
+    def _sgm_name(cls, name: str, module) -> str:
+        return sgm.vae_sgm_name(name, module)
+
+    @classmethod
+    def _single_file_default_config(cls) -> dict:
+        from ..configs import SVD_VAE
+
+        return dict(SVD_VAE)
 
     @classmethod
     def from_config(cls, config, dtype=jnp.float32, options: ModelOptions = DEFAULT_OPTIONS):

@@ -96,6 +96,68 @@ class PretrainedMixin:
         )
         return module, params
 
+    # Stability's single files (svd_jax/weights/sgm.py): a subclass names its tensors' prefixes and renaming
+    _sgm_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def _sgm_name(cls, name: str, module) -> str:  # pragma: no cover - provided by the subclasses that load them
+        raise NotImplementedError
+
+    @classmethod
+    def _single_file_default_config(cls) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, config: Mapping[str, Any] | str | os.PathLike | None = None,
+                         dtype: Any = jnp.float32, *, param_sharding: Callable | None = None):
+        """Load this network from one of Stability's original single-file SVD checkpoints (``svd.safetensors``,
+        ``svd_xt.safetensors``, ``svd_xt_1_1.safetensors``; memory-mapped, each tensor read once).
+
+        Args:
+          path: the ``.safetensors`` file.
+          config: a diffusers-style config dict, or a path to its ``config.json``; default: SVD-XT's.
+          dtype: compute and parameter dtype (the file's fp16/fp32 tensors are cast as they load).
+          param_sharding: shape -> Sharding, to place each parameter on a mesh as it loads.
+
+        Returns:
+          ``(module, params)``, as :meth:`from_pretrained`. A tensor the config needs that is missing or has
+          another shape, or one under this network's prefix that nothing reads, raises ``CheckpointError``
+          naming it (svd_jax/weights/sgm.py lists the tensors ignored by name).
+        """
+        from .safetensors_io import read_safetensors
+        from .sgm import sgm_tensors
+        from .torch_layout import flatten_shapes, path_to_torch_name
+
+        if config is None:
+            config = cls._single_file_default_config()
+        elif not isinstance(config, Mapping):
+            try:
+                with open(os.fspath(config)) as fh:
+                    config = json.load(fh)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"config {config}: not a readable JSON config ({e})") from e
+        p = os.fspath(path)
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{p}: no such file (from_single_file takes one .safetensors file)")
+        module = cls.from_config(config, dtype=dtype)
+        abstract = module.init_params_abstract()
+        needed = {}
+        for fpath, shape in flatten_shapes(abstract).items():
+            name, fn = path_to_torch_name(fpath, len(shape))
+            needed[name] = _torch_shape(fn, shape)
+        where = f"{cls.__name__} from the single file {p}"
+        tensors = sgm_tensors(needed, read_safetensors(p), lambda n: cls._sgm_name(n, module), cls._sgm_prefixes,
+                              where)
+        params = load_params(abstract, tensors, dtype, what=where, sharding_fn=param_sharding)
+        return module, params
+
+
+def _torch_shape(fn, shape) -> tuple:
+    """The PyTorch-layout shape of a Flax parameter of ``shape`` (``fn``: its Flax -> PyTorch transform)."""
+    import numpy as np
+
+    return tuple(fn(np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(shape), (0,) * len(shape))).shape)
+
 
 def config_fields(cls, config: Mapping[str, Any]) -> dict:
     """The entries of a config dict that are fields of the dataclass ``cls`` (others are ignored)."""
