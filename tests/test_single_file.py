@@ -157,3 +157,73 @@ def test_bad_single_files_are_refused(unet_file, tmp_path):
         load(tmp_path / "extra.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         load(tmp_path / "nothing.safetensors")
+
+
+def _open_clip_vit_h14() -> dict:
+    """The OpenCLIP ViT-H/14 image tower's tensors in a single file, written from its architecture (width 1280,
+    32 layers, 16 heads, MLP 5120, patch 14, 224 px: 257 positions, projection 1024)."""
+    p = "conditioner.embedders.0.open_clip.model.visual."
+    out = {p + "conv1.weight": (1280, 3, 14, 14), p + "class_embedding": (1280,),
+           p + "positional_embedding": (257, 1280), p + "ln_pre.weight": (1280,), p + "ln_pre.bias": (1280,),
+           p + "ln_post.weight": (1280,), p + "ln_post.bias": (1280,), p + "proj": (1280, 1024)}
+    for i in range(32):
+        b = f"{p}transformer.resblocks.{i}."
+        out.update({b + "ln_1.weight": (1280,), b + "ln_1.bias": (1280,), b + "ln_2.weight": (1280,),
+                    b + "ln_2.bias": (1280,), b + "attn.in_proj_weight": (3840, 1280), b + "attn.in_proj_bias": (3840,),
+                    b + "attn.out_proj.weight": (1280, 1280), b + "attn.out_proj.bias": (1280,),
+                    b + "mlp.c_fc.weight": (5120, 1280), b + "mlp.c_fc.bias": (5120,),
+                    b + "mlp.c_proj.weight": (1280, 5120), b + "mlp.c_proj.bias": (1280,)})
+    return out
+
+
+def test_full_size_open_clip_names_map_onto_the_image_encoder():
+    from svd_jax.configs import SVD_CLIP
+    from svd_jax.models import CLIPVisionModelWithProjection
+    from svd_jax.weights.sgm import clip_sgm_name
+
+    clip = CLIPVisionModelWithProjection.from_config(SVD_CLIP)
+    keys = _open_clip_vit_h14()
+    consumed = set()
+    for name, shape in _needed(clip).items():
+        sgm = clip_sgm_name(name, clip)
+        sgm, fn = sgm if isinstance(sgm, tuple) else (sgm, None)
+        assert sgm in keys, (name, sgm)
+        got = np.empty(keys[sgm], np.float32) if np.prod(keys[sgm]) < 2e7 else None
+        got_shape = (fn(got).shape if fn else got.shape) if got is not None else keys[sgm]
+        assert tuple(got_shape) == shape, (sgm, got_shape, shape)
+        consumed.add(sgm)
+    assert consumed == set(keys)
+
+
+def test_clip_from_single_file_equals_transformers(tmp_path):
+    from svd_jax.models import CLIPVisionModelWithProjection
+    from svd_jax.weights.sgm import CLIP_PREFIX
+    from conftest import TINY_PIPE_CLIP, make_clip
+
+    cfg = dict(TINY_PIPE_CLIP)
+    model = make_clip(cfg, seed=6)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items() if "position_ids" not in k}
+    n = cfg["num_hidden_layers"]
+    out = {CLIP_PREFIX + "conv1.weight": state.pop("vision_model.embeddings.patch_embedding.weight"),
+           CLIP_PREFIX + "class_embedding": state.pop("vision_model.embeddings.class_embedding"),
+           CLIP_PREFIX + "positional_embedding": state.pop("vision_model.embeddings.position_embedding.weight"),
+           CLIP_PREFIX + "proj": state.pop("visual_projection.weight").T.copy()}
+    for a, b in (("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post")):
+        for w in ("weight", "bias"):
+            out[f"{CLIP_PREFIX}{b}.{w}"] = state.pop(f"vision_model.{a}.{w}")
+    for i in range(n):
+        t, s = f"vision_model.encoder.layers.{i}.", f"{CLIP_PREFIX}transformer.resblocks.{i}."
+        for w in ("weight", "bias"):
+            out[f"{s}attn.in_proj_{w}"] = np.concatenate([state.pop(f"{t}self_attn.{x}_proj.{w}") for x in "qkv"])
+            for a, b in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
+                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[f"{s}{b}.{w}"] = state.pop(f"{t}{a}.{w}")
+    assert not state, sorted(state)
+    out["conditioner.embedders.0.open_clip.model.token_embedding.weight"] = np.zeros((2, 2), np.float32)  # text side
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}, str(tmp_path / "clip.safetensors"))
+    module, params = CLIPVisionModelWithProjection.from_single_file(tmp_path / "clip.safetensors", config=cfg)
+    px = np.random.default_rng(3).normal(size=(2, 224, 224, 3)).astype(np.float32)
+    got = module.apply({"params": params}, jnp.asarray(px)).image_embeds
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(px).permute(0, 3, 1, 2)).image_embeds.numpy()
+    assert rel_err(got, ref) <= TOL

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ..options import DEFAULT_OPTIONS, ModelOptions
-from ..weights import TRANSFORMERS_WEIGHTS, CheckpointError, PretrainedMixin, config_fields
+from ..weights import TRANSFORMERS_WEIGHTS, CheckpointError, PretrainedMixin, config_fields, sgm
 from .attention import dot_product_attention
 from .layers import Dense, LayerNorm, conv, dense, param
 
@@ -204,6 +204,17 @@ class CLIPVisionModelWithProjection(PretrainedMixin, nn.Module):
 
     _weights_names = (TRANSFORMERS_WEIGHTS,)
     _ignore_keys = (r"vision_model\.embeddings\.position_ids",)  # a buffer that older checkpoints saved
+    _sgm_prefixes = (sgm.CLIP_PREFIX,)
+
+    @classmethod
+    def _sgm_name(cls, name: str, module):
+        return sgm.clip_sgm_name(name, module)
+
+    @classmethod
+    def _single_file_default_config(cls) -> dict:
+        from ..configs import SVD_CLIP
+
+        return dict(SVD_CLIP)
 
     @classmethod
     def from_config(cls, config, dtype=jnp.float32, options: ModelOptions = DEFAULT_OPTIONS):

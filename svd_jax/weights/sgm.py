@@ -8,12 +8,15 @@ parameter tree), :func:`sgm_name` gives the name it has in the single file. Load
 * every needed tensor must be in the file with the shape the config implies (else a :class:`CheckpointError`
   naming it and the file's closest names);
 * every tensor of the file under the component's prefix must be consumed, or be one the component does not use,
+  (the OpenCLIP text tower's leftovers outside ``.visual.`` are outside the image encoder's prefix),
   ignored by name (:data:`IGNORED`): the conditioner autoencoder's decoder and ``post_quant_conv``, and
   ``first_stage_model.encoder`` (the VAE's encoder is taken from ``conditioner.embedders.3.encoder``, the path
   that encodes the conditioning frame, with its ``quant_conv``; the first stage model has none).
 
 Layouts: UNet tensors have diffusers' shapes already; the VAE's attention projections are 1x1 convolutions
-(O, I, 1, 1) in the file and linear (O, I) in diffusers (squeezed as they load).
+(O, I, 1, 1) in the file and linear (O, I) in diffusers (squeezed as they load); OpenCLIP's attention holds q, k, v
+in one ``in_proj`` (split in thirds, in that order) and its projection ``proj`` (hidden, projection) is
+transformers' ``visual_projection.weight`` transposed.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .errors import CheckpointError
 UNET_PREFIX = "model.diffusion_model."
 VAE_DECODER_PREFIX = "first_stage_model.decoder."
 VAE_ENCODER_PREFIX = "conditioner.embedders.3.encoder."  # its encoder.* and quant_conv.*
+CLIP_PREFIX = "conditioner.embedders.0.open_clip.model.visual."
 # Tensors of a single file that no svd-jax model reads, by name
 IGNORED = ("conditioner.embedders.3.encoder.decoder.", "conditioner.embedders.3.encoder.post_quant_conv.",
            "first_stage_model.encoder.", "first_stage_model.quant_conv.", "first_stage_model.post_quant_conv.")
@@ -150,6 +154,34 @@ def vae_sgm_name(name: str, vae) -> str:
     raise KeyError(name)
 
 
+def clip_sgm_name(name: str, clip):
+    """A transformers CLIPVisionModelWithProjection tensor name -> its OpenCLIP name in the single file, or
+    (name, transform) where the file stores it otherwise: q/k/v are thirds of the fused ``in_proj``, the
+    projection is stored transposed."""
+    fixed = {"vision_model.embeddings.class_embedding": "class_embedding",
+             "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
+             "vision_model.embeddings.position_embedding.weight": "positional_embedding",
+             "vision_model.pre_layrnorm.weight": "ln_pre.weight", "vision_model.pre_layrnorm.bias": "ln_pre.bias",
+             "vision_model.post_layernorm.weight": "ln_post.weight",
+             "vision_model.post_layernorm.bias": "ln_post.bias"}
+    if name in fixed:
+        return CLIP_PREFIX + fixed[name]
+    if name == "visual_projection.weight":
+        return CLIP_PREFIX + "proj", lambda a: a.T
+    m = re.match(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)$", name)
+    if not m:
+        raise KeyError(name)
+    i, rest = m[1], m[2]
+    base = f"{CLIP_PREFIX}transformer.resblocks.{i}."
+    q = re.match(r"^self_attn\.(q|k|v)_proj\.(weight|bias)$", rest)
+    if q:
+        third = "qkv".index(q[1])
+        return base + f"attn.in_proj_{q[2]}", lambda a, t=third: a[t * (a.shape[0] // 3):(t + 1) * (a.shape[0] // 3)]
+    table = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    return base + _inner(rest, table)
+
+
 def _is_vae_attention_projection(sgm: str) -> bool:
     return bool(re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", sgm))
 
@@ -163,10 +195,13 @@ def sgm_tensors(needed: Mapping[str, tuple], file_tensors: Mapping[str, np.ndarr
     out, used, missing, wrong = {}, set(), [], []
     for name, shape in needed.items():
         sgm = rename(name)
+        sgm, transform = sgm if isinstance(sgm, tuple) else (sgm, None)
         if sgm not in file_tensors:
             missing.append(sgm)
             continue
         arr = file_tensors[sgm]
+        if transform is not None:
+            arr = transform(arr)
         if _is_vae_attention_projection(sgm) and arr.ndim == 4 and arr.shape[2:] == (1, 1):
             arr = arr.reshape(arr.shape[:2])  # a 1x1 convolution in sgm, a linear layer in diffusers
         if tuple(arr.shape) != tuple(shape):
