@@ -48,6 +48,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder")
     p.add_argument("--local-files-only", action="store_true", help="use the hub cache only, no network")
+    p.add_argument("--to", default=None, choices=["diffusers", "flax"],
+                   help="output layout: for a single .safetensors file (Stability's svd_xt.safetensors) diffusers "
+                        "(default) or flax; for a diffusers folder or repo only flax")
     p.add_argument("--quiet", action="store_true", help="no per-component lines on stderr")
     p.add_argument("--debug", action="store_true", help=f"show tracebacks (also ${DEBUG_ENV}=1)")
 
@@ -60,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", required=True, help="input image: a file path or an http(s) URL")
     g.add_argument("--output", default="video.mp4", help="output .mp4 or .gif")
     g.add_argument("--model", default=os.environ.get("SVD_JAX_MODEL", DEFAULT_MODEL),
-                   help="hub repo id or local diffusers-layout folder ($SVD_JAX_MODEL overrides the default)")
+                   help="hub repo id, local diffusers-layout folder, or one of Stability's single files "
+                        "(svd_xt.safetensors) ($SVD_JAX_MODEL overrides the default)")
     g.add_argument("--variant", default="auto",
                    help='weights variant: "fp16", "none", or "auto" (fp16 for the default hub model, else none)')
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -199,8 +203,12 @@ def check_generate_args(args) -> None:
     from .weights.locate import looks_like_local_path
 
     model = os.path.expanduser(str(args.model))
-    if not os.path.isdir(model) and (looks_like_local_path(args.model) or os.path.exists(model)):
-        raise UsageError(f"--model {args.model}: no such folder (and not a hub repo id 'owner/name')")
+    if model.endswith(".safetensors"):
+        if not os.path.isfile(model):
+            raise UsageError(f"--model {args.model}: no such file")
+    elif not os.path.isdir(model) and (looks_like_local_path(args.model) or os.path.exists(model)):
+        raise UsageError(f"--model {args.model}: no such folder (and not a hub repo id 'owner/name', nor a "
+                         ".safetensors single file)")
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -240,7 +248,11 @@ def _load(args, variant, dtype):
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     from .pipeline import StableVideoDiffusionPipeline
+    from .single_file import looks_like_single_file
 
+    if looks_like_single_file(args.model):  # Stability's original svd_xt.safetensors
+        return StableVideoDiffusionPipeline.from_single_file(os.path.expanduser(args.model), dtype=dtype,
+                                                             scheduler=args.scheduler)
     try:
         return StableVideoDiffusionPipeline.from_pretrained(args.model, dtype=dtype, variant=variant,
                                                             scheduler=args.scheduler)

@@ -274,11 +274,21 @@ def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run a conversion from parsed arguments; a :class:`CheckpointError` is printed, exit code 1."""
+    log = (lambda m: None) if args.quiet else _log_stderr
+    to = getattr(args, "to", None)
     try:
-        out = convert_checkpoint(args.src, args.dst, variant=args.variant, dtype=args.dtype, overwrite=args.overwrite,
-                                 revision=args.revision, cache_dir=args.cache_dir,
-                                 local_files_only=args.local_files_only,
-                                 log=(lambda m: None) if args.quiet else _log_stderr)
+        if str(args.src).endswith(".safetensors"):  # one of Stability's single files
+            from .single_file import convert_single_file
+
+            out = convert_single_file(args.src, args.dst, to=to or "diffusers", dtype=args.dtype,
+                                      overwrite=args.overwrite, log=log)
+        elif to == "diffusers":
+            raise CheckpointError(f"{args.src} is in the diffusers layout already; --to diffusers converts single "
+                                  ".safetensors files (--to flax converts this)")
+        else:
+            out = convert_checkpoint(args.src, args.dst, variant=args.variant, dtype=args.dtype,
+                                     overwrite=args.overwrite, revision=args.revision, cache_dir=args.cache_dir,
+                                     local_files_only=args.local_files_only, log=log)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -232,6 +232,9 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
     transformer_layers_per_block: int | Sequence[Any] = 1
     num_attention_heads: int | Sequence[int] = (5, 10, 20, 20)
     num_frames: int = 25
+    # GroupNorm eps of the resnets: None = diffusers' (1e-6 in the cross-attention down blocks and every up block,
+    # 1e-5 elsewhere); a number = that everywhere (1e-5: Stability's original sgm model)
+    resnet_eps: float | None = None
     forward_chunk_size: int | None = None
     forward_chunk_dim: int = 0
     dtype: Dtype = jnp.float32
@@ -355,6 +358,7 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
         for i in down:
             kind = self.down_block_types[i]
             eps = 1e-6 if kind.startswith("CrossAttn") else 1e-5  # diffusers ignores the resnet_eps it passes
+            eps = eps if self.resnet_eps is None else self.resnet_eps
             x, outs = block(kind, self.block_out_channels[i], layers[i], _per_layer(tlayers[i], layers[i]), heads[i],
                             eps, i < n - 1, **opts, name=f"down_blocks_{i}")(x, emb, ehs, ind, None, None)
             x = c(x)
@@ -362,7 +366,8 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
         if cached:  # the shallow up blocks consume these skips; a last down-sampler output belongs to deeper ones
             skips = skips[:1 + sum(layers[j] + 1 for j in range(cache_branch)) - (1 if cache_branch < n else 0)]
         else:
-            x = block("mid", self.block_out_channels[-1], 1, _per_layer(tlayers[-1], 1), heads[-1], 1e-5, False,
+            x = block("mid", self.block_out_channels[-1], 1, _per_layer(tlayers[-1], 1), heads[-1],
+                      1e-5 if self.resnet_eps is None else self.resnet_eps, False,
                       **opts, name="mid_block")(x, emb, ehs, ind, None, None)
             x = c(x)
 
@@ -384,7 +389,8 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
             block_skips = skips[-nl:]
             skips = skips[:-nl]
             size = skips[-1].shape[1:3] if (forward_size and i < n - 1) else None
-            x = block(kind, r_ch[i], nl, _per_layer(r_tl[i], nl), r_heads[i], 1e-6, i < n - 1, **opts,
+            up_eps = 1e-6 if self.resnet_eps is None else self.resnet_eps
+            x = block(kind, r_ch[i], nl, _per_layer(r_tl[i], nl), r_heads[i], up_eps, i < n - 1, **opts,
                       name=f"up_blocks_{i}")(x, emb, ehs, ind, block_skips, size)
             x = c(x)
 

@@ -197,6 +197,25 @@ class StableVideoDiffusionPipeline:
         return cls(unet, vae, enc, scheduler, {"unet": up, "vae": vp, "image_encoder": ep}, dtype, mean, std, part,
                    options=options)
 
+    @classmethod
+    def from_single_file(cls, path, dtype="auto", *, mesh: Mesh | None = None, fsdp: bool = False,
+                         num_frames: int | None = None, configs: dict | None = None, attention: str = "auto",
+                         options: ModelOptions | None = None, scheduler=None, scheduler_config: dict | None = None,
+                         numerics: str = "diffusers"):
+        """Load all three networks from one of Stability's original files (``svd.safetensors``,
+        ``svd_xt.safetensors``, ``svd_xt_1_1.safetensors``), the scheduler and image processor from SVD's known
+        configs (svd_jax/single_file.py). ``num_frames``: the UNet's default frame count (default: 14 for a file
+        named ``svd*``, 25 for ``svd_xt*``); ``configs``: {"unet" / "vae" / "image_encoder": diffusers-style
+        config} to load other architectures (default SVD-XT's); ``numerics``: ``"diffusers"`` (the default: the
+        UNet computes as diffusers' does, GroupNorm eps 1e-6 in some blocks) or ``"sgm"`` (Stability's original
+        model: 1e-5 everywhere); the other arguments as :meth:`from_pretrained`. The image-decoder variants are
+        refused with a clear error."""
+        from ..single_file import pipeline_from_single_file
+
+        return pipeline_from_single_file(cls, path, dtype, mesh=mesh, fsdp=fsdp, num_frames=num_frames,
+                                         configs=configs, attention=attention, options=options,
+                                         scheduler=scheduler, scheduler_config=scheduler_config, numerics=numerics)
+
     def _program(self, params, inputs, *, config):
         self.trace_count += 1
         return stages.generate(self.modules, _with_unfused_lora(params), inputs, config)

@@ -55,7 +55,8 @@ UNET_CLASS_NAME = "UNetSpatioTemporalConditionModel"
 MODEL_INDEX = "model_index.json"
 
 # Module fields that say how the Flax module computes, not what diffusers builds: never written to config.json.
-_RUNTIME_FIELDS = ("parent", "name", "dtype", "param_dtype", "options", "forward_chunk_size", "forward_chunk_dim")
+_RUNTIME_FIELDS = ("parent", "name", "dtype", "param_dtype", "options", "forward_chunk_size", "forward_chunk_dim",
+                   "resnet_eps")
 _OUT_DTYPES = {np.dtype(d) for d in (np.float16, jnp.bfloat16, np.float32, np.float64)}
 
 
