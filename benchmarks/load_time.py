@@ -1,4 +1,5 @@
-"""Load time and peak host memory of the full-size SVD-XT UNet: the diffusers fp16 folder vs the converted one.
+"""Load time and peak host memory of the full-size SVD-XT UNet: the diffusers fp16 folder vs the converted one vs
+Stability's single-file names.
 
     python benchmarks/load_time.py [--dir /tmp/svd-load-time] [--dtype bfloat16] [--devices 8] [--keep]
 
@@ -8,7 +9,8 @@ fp16 diffusers layout (~3 GB), converts the folder with `python -m convert --dty
 subprocess: onto one device, and onto N forced CPU devices with an FSDP mesh
 (``Partitioner(make_mesh(), fsdp=True).param_sharding``). Reported per run: the wall time of ``from_pretrained``
 up to ``block_until_ready`` (imports excluded; building the module and ``jax.eval_shape`` of its parameters
-included), and the process's peak RSS (VmHWM) with and without what it held before loading. The files are
+included; (c) the same fp16 tensors renamed to a single file's ``model.diffusion_model.*``, loaded with
+``from_single_file``), and the process's peak RSS (VmHWM) with and without what it held before loading. The files are
 read once before each run, so every run starts from a warm page cache. Everything is deleted at the end unless
 --keep. Goals: (b) at least 3x faster than (a); (b)'s peak RSS at most 1.2x the size of the loaded weights.
 """
@@ -57,6 +59,46 @@ def _child_load(folder: str, dtype: str, variant: str | None, mesh: bool) -> dic
     n_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
     return dict(load_s=load_s, peak_rss=peak, rss_before=before, devices=len(jax.devices()), checksum=check,
                 weights_bytes=n_bytes)
+
+
+def _child_load_single(file: str, dtype: str, mesh: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from svd_jax.models import UNetSpatioTemporalConditionModel
+    from svd_jax.sharding import Partitioner, make_mesh
+
+    sharding = Partitioner(make_mesh(), fsdp=True).param_sharding if mesh else None
+    before = _vm_hwm()
+    t0 = time.perf_counter()
+    _, params = UNetSpatioTemporalConditionModel.from_single_file(file, dtype=getattr(jnp, dtype),
+                                                                  param_sharding=sharding)
+    jax.block_until_ready(params)
+    load_s = time.perf_counter() - t0
+    peak = _vm_hwm()
+    leaves = jax.tree_util.tree_leaves(params)
+    check = float(sum(np.asarray(x, np.float64).sum() for x in leaves[::40]))
+    n_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    return dict(load_s=load_s, peak_rss=peak, rss_before=before, devices=len(jax.devices()), checksum=check,
+                weights_bytes=n_bytes)
+
+
+def _child_make_sgm(folder: str, file: str) -> dict:
+    """The diffusers fp16 UNet's tensors renamed to Stability's single-file names (svd_jax/weights/sgm.py),
+    streamed into one file."""
+    from svd_jax.configs import SVD_XT_UNET
+    from svd_jax.models import UNetSpatioTemporalConditionModel
+    from svd_jax.weights.safetensors_io import read_safetensors, write_safetensors
+    from svd_jax.weights.sgm import unet_sgm_name
+
+    t0 = time.perf_counter()
+    unet = UNetSpatioTemporalConditionModel.from_config(SVD_XT_UNET)
+    tensors = read_safetensors(Path(folder) / "diffusion_pytorch_model.fp16.safetensors")
+    names = sorted(tensors)
+    specs = [(unet_sgm_name(n, unet), tensors[n].dtype, tensors[n].shape) for n in names]
+    size = write_safetensors(file, specs, (tensors[n] for n in names), metadata={"format": "pt"})
+    return dict(load_s=time.perf_counter() - t0, bytes=size, peak_rss=_vm_hwm())
 
 
 def _child_convert(src: str, dst: str, dtype: str) -> dict:
@@ -115,6 +157,8 @@ def main(argv=None) -> int:
         kind, *rest = args.child
         out = {"make": lambda: _child_make(*rest),
                "convert": lambda: _child_convert(*rest),
+               "make_sgm": lambda: _child_make_sgm(*rest),
+               "load_single": lambda: _child_load_single(rest[0], rest[1], rest[2] == "mesh"),
                "load": lambda: _child_load(rest[0], rest[1], rest[2] if rest[2] != "none" else None,
                                            rest[3] == "mesh")}[kind]()
         print(json.dumps(out))
@@ -133,13 +177,21 @@ def main(argv=None) -> int:
         print(f"python -m convert --variant fp16 --dtype {args.dtype}: {conv['load_s']:.1f} s, peak RSS "
               f"{conv['peak_rss'] / 1e9:.2f} GB ({(conv['peak_rss'] - conv['rss_before']) / 1e9:.2f} GB above its "
               f"{conv['rss_before'] / 1e9:.2f} GB before converting)")
+        single = work / "svd_xt_unet_only.safetensors"
+        made_sgm = _run_child(["make_sgm", str(diff), str(single)])
+        print(f"the same tensors in Stability's single-file names (model.diffusion_model.*): "
+              f"{made_sgm['bytes'] / 1e9:.2f} GB in {made_sgm['load_s']:.1f} s")
         rows = {}
-        a, b = "(a) diffusers fp16", "(b) converted " + args.dtype
+        a, b, c = "(a) diffusers fp16", "(b) converted " + args.dtype, "(c) single file fp16"
         for name, folder, variant in ((a, diff, "fp16"), (b, flax, "none")):
             for devices in (1, args.devices):
                 _warm(folder)
                 rows[name, devices] = _run_child(["load", str(folder), args.dtype, variant,
                                                   "mesh" if devices > 1 else "single"], devices)
+        for devices in (1, args.devices):
+            _warm(work)
+            rows[c, devices] = _run_child(["load_single", str(single), args.dtype,
+                                           "mesh" if devices > 1 else "single"], devices)
         size = next(iter(rows.values()))["weights_bytes"]  # the loaded parameters, all devices counted once
         print(f"\nUNet {args.dtype} weights: {size / 1e9:.2f} GB (of {made['bytes'] / 1e9:.2f} GB fp16 on disk); "
               f"load = from_pretrained + block_until_ready, warm page cache; one run each")
@@ -151,9 +203,12 @@ def main(argv=None) -> int:
         for devices in (1, args.devices):
             ra, rb = rows[a, devices], rows[b, devices]
             where = "one device" if devices == 1 else f"{devices} devices, FSDP mesh"
+            rc = rows[c, devices]
             print(f"{where:26s}: (b) loads {ra['load_s'] / rb['load_s']:.2f}x faster than (a) (goal >= 3x); "
                   f"peak RSS (b) {rb['peak_rss'] / size:.2f}x the weights (goal <= 1.2x), (a) "
-                  f"{ra['peak_rss'] / size:.2f}x; same numbers: {ra['checksum'] == rb['checksum']}")
+                  f"{ra['peak_rss'] / size:.2f}x; same numbers: {ra['checksum'] == rb['checksum']}; "
+                  f"(c) the single file {rc['load_s'] / ra['load_s']:.2f}x (a)'s time, "
+                  f"same numbers as (a): {rc['checksum'] == ra['checksum']}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -48,6 +48,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder")
     p.add_argument("--local-files-only", action="store_true", help="use the hub cache only, no network")
+    p.add_argument("--configs", default=None, metavar="DIR",
+                   help="for a single file: a folder with unet/, vae/, image_encoder/ config.json (default: SVD-XT's "
+                        "configs)")
     p.add_argument("--to", default=None, choices=["diffusers", "flax"],
                    help="output layout: for a single .safetensors file (Stability's svd_xt.safetensors) diffusers "
                         "(default) or flax; for a diffusers folder or repo only flax")
@@ -65,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=os.environ.get("SVD_JAX_MODEL", DEFAULT_MODEL),
                    help="hub repo id, local diffusers-layout folder, or one of Stability's single files "
                         "(svd_xt.safetensors) ($SVD_JAX_MODEL overrides the default)")
+    g.add_argument("--configs", default=None, metavar="DIR",
+                   help="with a .safetensors --model: a folder with unet/, vae/, image_encoder/ config.json (e.g. a "
+                        "diffusers pipeline folder) for other architectures than SVD-XT's")
     g.add_argument("--variant", default="auto",
                    help='weights variant: "fp16", "none", or "auto" (fp16 for the default hub model, else none)')
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -186,6 +192,8 @@ def check_generate_args(args) -> None:
         what = ("CFG is off (--max-guidance <= 1), so --min-guidance has no effect" if args.max_guidance <= 1 else
                 "the guidance decreases from the first frame to the last")
         _warn(f"--min-guidance {args.min_guidance} > --max-guidance {args.max_guidance}: {what}")
+    if args.configs is not None and not os.path.isdir(os.path.expanduser(args.configs)):
+        raise UsageError(f"--configs {args.configs}: no such folder")
     if "://" in args.image:
         scheme = args.image.split("://", 1)[0].lower()
         if scheme not in URL_SCHEMES:
@@ -252,7 +260,7 @@ def _load(args, variant, dtype):
 
     if looks_like_single_file(args.model):  # Stability's original svd_xt.safetensors
         return StableVideoDiffusionPipeline.from_single_file(os.path.expanduser(args.model), dtype=dtype,
-                                                             scheduler=args.scheduler)
+                                                             scheduler=args.scheduler, configs=args.configs)
     try:
         return StableVideoDiffusionPipeline.from_pretrained(args.model, dtype=dtype, variant=variant,
                                                             scheduler=args.scheduler)

@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
             from .single_file import convert_single_file
 
             out = convert_single_file(args.src, args.dst, to=to or "diffusers", dtype=args.dtype,
-                                      overwrite=args.overwrite, log=log)
+                                      overwrite=args.overwrite, configs=getattr(args, "configs", None), log=log)
         elif to == "diffusers":
             raise CheckpointError(f"{args.src} is in the diffusers layout already; --to diffusers converts single "
                                   ".safetensors files (--to flax converts this)")

@@ -60,15 +60,39 @@ def inspect_single_file(path) -> dict:
             "image_decoder": image_decoder or "image_decoder" in name}
 
 
-def _configs(configs: dict | None, num_frames: int) -> dict:
+def read_configs(folder) -> dict:
+    """{"unet", "vae", "image_encoder": config dict} from a folder holding ``<component>/config.json`` (a
+    diffusers pipeline folder or hub snapshot of the same architecture; its weights are not read)."""
+    root = Path(folder)
+    out = {}
+    for name in COMPONENT_PREFIXES:
+        f = root / name / "config.json"
+        if not f.is_file():
+            raise CheckpointError(f"configs {root}: no {name}/config.json (a folder of the pipeline's component "
+                                  "configs, such as a diffusers pipeline folder)")
+        try:
+            out[name] = json.loads(f.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{f}: not valid JSON ({e})") from e
+    return out
+
+
+def _configs(configs, num_frames: int | None, default_frames: int) -> dict:
+    """SVD-XT's configs (the UNet with ``num_frames``), replaced by those of ``configs``: a dict by component,
+    or a folder (:func:`read_configs`). An explicit ``num_frames`` wins; else a given UNet config's own; else the
+    file's default."""
     from .configs import SVD_CLIP, SVD_VAE, SVD_XT_UNET
 
-    out = {"unet": {**SVD_XT_UNET, "num_frames": num_frames}, "vae": dict(SVD_VAE),
+    if configs is not None and not isinstance(configs, dict):
+        configs = read_configs(configs)
+    out = {"unet": {**SVD_XT_UNET, "num_frames": default_frames}, "vae": dict(SVD_VAE),
            "image_encoder": {**CLIP_CONFIG_KEYS, **SVD_CLIP}}
     for k, v in (configs or {}).items():
         if k not in out:
             raise ValueError(f"configs: unknown component {k!r}; the components are {sorted(out)}")
         out[k] = dict(v)
+    if num_frames is not None:
+        out["unet"]["num_frames"] = num_frames
     return out
 
 
@@ -99,7 +123,7 @@ def pipeline_from_single_file(cls, path, dtype="auto", *, mesh=None, fsdp: bool 
     options = _merge_options(options, attention)
     info = inspect_single_file(path)
     _check_loadable(info, path)
-    cfg = _configs(configs, num_frames or info["num_frames"])
+    cfg = _configs(configs, num_frames, info["num_frames"])
     if numerics not in NUMERICS:
         raise ValueError(f"numerics must be one of {NUMERICS}, not {numerics!r}")
     if numerics == "sgm":
@@ -117,11 +141,12 @@ def pipeline_from_single_file(cls, path, dtype="auto", *, mesh=None, fsdp: bool 
 
 
 def convert_single_file(src, dst, *, to: str = "diffusers", dtype: Any = None, overwrite: bool = False,
-                        num_frames: int | None = None, configs: dict | None = None, log=None) -> Path:
+                        num_frames: int | None = None, configs=None, log=None) -> Path:
     """Write the single file ``src`` as a pipeline folder ``dst``: ``to="diffusers"`` (model_index.json, unet/,
     vae/, image_encoder/ with config.json + safetensors in PyTorch names, scheduler/, feature_extractor/) or
     ``"flax"`` (the same, then svd-jax's Flax layout, svd_jax/convert.py). ``dtype``: the weights' dtype (None:
-    float32). Every tensor is checked before anything is written; ``dst`` must be absent or empty unless
+    float32). ``configs``: the networks' configs (a dict by component or a folder, :func:`read_configs`;
+    default SVD-XT's). Every tensor is checked before anything is written; ``dst`` must be absent or empty unless
     ``overwrite``."""
     import numpy as np
 
@@ -138,7 +163,7 @@ def convert_single_file(src, dst, *, to: str = "diffusers", dtype: Any = None, o
         raise CheckpointError(f"{dst} exists and is not empty; choose a new folder or pass --overwrite")
     info = inspect_single_file(src)
     _check_loadable(info, src)
-    cfg = _configs(configs, num_frames or info["num_frames"])
+    cfg = _configs(configs, num_frames, info["num_frames"])
     out_dtype = np.dtype(dtype or "float32") if str(dtype) != "bfloat16" else None
     import jax.numpy as jnp
 

@@ -61,6 +61,8 @@ def test_dtype_choices_are_the_weights_dtypes():
     (["--max-guidance", "inf"], "--max-guidance must be a finite number"),
     (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
     (["--model", "./missing-model"], "no such folder"),
+    (["--model", "/no/such/svd_xt.safetensors"], "--model /no/such/svd_xt.safetensors: no such file"),
+    (["--configs", "/no/such/configs"], "--configs /no/such/configs: no such folder"),
     (["--lora", "/no/such/lora"], "--lora /no/such/lora: LoRA path /no/such/lora does not exist"),
     (["--lora", "my_lora:nan"], "--lora my_lora:nan: the scale must be a finite number"),
 ])

@@ -43,6 +43,12 @@ SUBS = [
     # LoRA: an adapter for the tiny UNet, written by the workdir fixture
     (r"\bmy_lora/", "{work}/my_lora/"),
     (r"\bout_lora/", "{work}/out_lora/"),
+    # Stability's single file: the tiny checkpoint's networks in its names, with the tiny configs beside them
+    (r'from_single_file\("svd_xt\.safetensors", ', 'from_single_file("{work}/svd_xt.safetensors", configs="{tiny}", '),
+    (r'from_single_file\("svd_xt\.safetensors"\)', 'from_single_file("{work}/svd_xt.safetensors", '
+                                                  'config="{tiny}/unet/config.json")'),
+    (r"--model svd_xt\.safetensors ", "--model {work}/svd_xt.safetensors --configs {tiny} "),
+    (r"convert svd_xt\.safetensors ", "convert {work}/svd_xt.safetensors --configs {tiny} "),
 ]
 SMALL_CLI = " --height 64 --width 96 --steps 2"
 
@@ -88,6 +94,9 @@ def workdir(tmp_path_factory):
     for v in range(2):  # the fine-tuning examples' clips/
         write_video(work / "clips" / f"clip{v}.mp4", (rng.random((6, 40, 72, 3)) * 255).astype(np.uint8))
     _write_tiny_lora(tiny, work / "my_lora", rng)
+    from sgm_helpers import tiny_checkpoint_as_single_file
+
+    tiny_checkpoint_as_single_file(tiny, work / "svd_xt.safetensors")
     return work, tiny
 
 
@@ -175,5 +184,6 @@ def test_readme_code_blocks_run(workdir, fast_xla_flags):
     # what the blocks promise to write
     for name in ("video.mp4", "tiny.mp4", "styled.mp4", "with_my_new_lora.mp4", "my_new_lora/adapter_config.json",
                  "my_new_lora/adapter_model.safetensors", "made-tiny/unet/diffusion_pytorch_model.fp16.safetensors",
-                 "svd-xt-flax/unet/flax_manifest.json"):
+                 "svd-xt-flax/unet/flax_manifest.json", "svd-xt-diffusers/unet/diffusion_pytorch_model.safetensors",
+                 "svd-xt-from-file-flax/image_encoder/flax_manifest.json"):
         assert (work / name).is_file() and (work / name).stat().st_size > 0, name

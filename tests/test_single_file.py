@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
+from sgm_helpers import open_clip_state, sgm_named
 from test_unet import TINY, _inputs
 
 from svd_jax.configs import SVD_VAE
@@ -67,12 +68,7 @@ def _write_sgm(path, groups, extra=None):
     """groups: [(torch state dict, rename)] -> one safetensors file in the sgm names (1x1 conv VAE attention)."""
     out = {}
     for state, rename in groups:
-        for name, v in state.items():
-            sgm = rename(name)
-            v = np.ascontiguousarray(v, np.float32)
-            if sgm.split(".")[-2] in ("q", "k", "v", "proj_out") and ".attn_1." in sgm and sgm.endswith("weight"):
-                v = v.reshape(v.shape + (1, 1))
-            out[sgm] = v
+        out.update(sgm_named(state, rename))
     out.update(extra or {})
     save_file(out, str(path))
     return path
@@ -196,27 +192,7 @@ def test_full_size_open_clip_names_map_onto_the_image_encoder():
 
 
 def _open_clip_state(model, n) -> dict:
-    """A transformers CLIPVisionModelWithProjection's tensors in OpenCLIP's single-file names (the inverse of
-    SPEC's mapping: q/k/v concatenated into in_proj, the projection transposed)."""
-    from svd_jax.weights.sgm import CLIP_PREFIX
-
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items() if "position_ids" not in k}
-    out = {CLIP_PREFIX + "conv1.weight": state.pop("vision_model.embeddings.patch_embedding.weight"),
-           CLIP_PREFIX + "class_embedding": state.pop("vision_model.embeddings.class_embedding"),
-           CLIP_PREFIX + "positional_embedding": state.pop("vision_model.embeddings.position_embedding.weight"),
-           CLIP_PREFIX + "proj": state.pop("visual_projection.weight").T.copy()}
-    for a, b in (("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post")):
-        for w in ("weight", "bias"):
-            out[f"{CLIP_PREFIX}{b}.{w}"] = state.pop(f"vision_model.{a}.{w}")
-    for i in range(n):
-        t, s = f"vision_model.encoder.layers.{i}.", f"{CLIP_PREFIX}transformer.resblocks.{i}."
-        for w in ("weight", "bias"):
-            out[f"{s}attn.in_proj_{w}"] = np.concatenate([state.pop(f"{t}self_attn.{x}_proj.{w}") for x in "qkv"])
-            for a, b in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
-                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                out[f"{s}{b}.{w}"] = state.pop(f"{t}{a}.{w}")
-    assert not state, sorted(state)
-    return out
+    return open_clip_state({k: v.detach().numpy() for k, v in model.state_dict().items()}, n)
 
 
 def test_clip_from_single_file_equals_transformers(tmp_path):

@@ -199,14 +199,15 @@ class StableVideoDiffusionPipeline:
 
     @classmethod
     def from_single_file(cls, path, dtype="auto", *, mesh: Mesh | None = None, fsdp: bool = False,
-                         num_frames: int | None = None, configs: dict | None = None, attention: str = "auto",
+                         num_frames: int | None = None, configs=None, attention: str = "auto",
                          options: ModelOptions | None = None, scheduler=None, scheduler_config: dict | None = None,
                          numerics: str = "diffusers"):
         """Load all three networks from one of Stability's original files (``svd.safetensors``,
         ``svd_xt.safetensors``, ``svd_xt_1_1.safetensors``), the scheduler and image processor from SVD's known
         configs (svd_jax/single_file.py). ``num_frames``: the UNet's default frame count (default: 14 for a file
         named ``svd*``, 25 for ``svd_xt*``); ``configs``: {"unet" / "vae" / "image_encoder": diffusers-style
-        config} to load other architectures (default SVD-XT's); ``numerics``: ``"diffusers"`` (the default: the
+        config}, or a folder holding ``<component>/config.json`` (e.g. a diffusers pipeline folder of that
+        architecture), to load other architectures (default SVD-XT's); ``numerics``: ``"diffusers"`` (the default: the
         UNet computes as diffusers' does, GroupNorm eps 1e-6 in some blocks) or ``"sgm"`` (Stability's original
         model: 1e-5 everywhere); the other arguments as :meth:`from_pretrained`. The image-decoder variants are
         refused with a clear error."""
