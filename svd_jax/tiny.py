@@ -16,6 +16,7 @@ import numpy as np
 from .configs import CLIP_PROCESSOR_CONFIG, MODEL_INDEX, SVD_SCHEDULER_CONFIG, TINY_CLIP, TINY_UNET, TINY_VAE
 from .models import AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection, UNetSpatioTemporalConditionModel
 from .weights import params_to_torch_state, path_to_torch_name, write_safetensors
+from .weights.torch_layout import torch_shape
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -56,8 +57,7 @@ def write_random_weights(path: str | os.PathLike, module, dtype=np.float32, seed
     specs, fns = [], []
     for p, leaf in leaves.items():
         name, fn = path_to_torch_name(p, len(leaf.shape))
-        shape = fn(np.broadcast_to(np.zeros((), np.uint8), leaf.shape)).shape  # PyTorch shape, nothing allocated
-        specs.append((name, np.dtype(dtype), tuple(shape)))
+        specs.append((name, np.dtype(dtype), torch_shape(fn, leaf.shape)))
         fns.append(fn)
     rng = np.random.default_rng(seed)
 

@@ -34,12 +34,12 @@ def _keys():
 
 def _needed(module):
     """{diffusers name: PyTorch-layout shape} of a module's parameters (abstract)."""
-    from svd_jax.weights.pretrained import _torch_shape
+    from svd_jax.weights.torch_layout import torch_shape
 
     out = {}
     for path, shape in flatten_shapes(module.init_params_abstract()).items():
         name, fn = path_to_torch_name(path, len(shape))
-        out[name] = _torch_shape(fn, shape)
+        out[name] = torch_shape(fn, shape)
     return out
 
 

@@ -206,15 +206,8 @@ class CLIPVisionModelWithProjection(PretrainedMixin, nn.Module):
     _ignore_keys = (r"vision_model\.embeddings\.position_ids",)  # a buffer that older checkpoints saved
     _sgm_prefixes = (sgm.CLIP_PREFIX,)
 
-    @classmethod
-    def _sgm_name(cls, name: str, module):
-        return sgm.clip_sgm_name(name, module)
-
-    @classmethod
-    def _single_file_default_config(cls) -> dict:
-        from ..configs import SVD_CLIP
-
-        return dict(SVD_CLIP)
+    _sgm_rename = staticmethod(sgm.clip_sgm_name)
+    _single_file_config = "SVD_CLIP"  # the svd_jax.configs entry from_single_file defaults to
 
     @classmethod
     def from_config(cls, config, dtype=jnp.float32, options: ModelOptions = DEFAULT_OPTIONS):

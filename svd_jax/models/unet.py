@@ -244,15 +244,8 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
     _weights_names = (DIFFUSERS_WEIGHTS,)
     _sgm_prefixes = (sgm.UNET_PREFIX,)
 
-    @classmethod
-    def _sgm_name(cls, name: str, module) -> str:
-        return sgm.unet_sgm_name(name, module)
-
-    @classmethod
-    def _single_file_default_config(cls) -> dict:
-        from ..configs import SVD_XT_UNET
-
-        return dict(SVD_XT_UNET)
+    _sgm_rename = staticmethod(sgm.unet_sgm_name)
+    _single_file_config = "SVD_XT_UNET"  # the svd_jax.configs entry from_single_file defaults to
 
     @classmethod
     def from_config(cls, config, dtype=jnp.float32, **fields):

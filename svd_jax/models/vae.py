@@ -289,15 +289,8 @@ class AutoencoderKLTemporalDecoder(PretrainedMixin, nn.Module):
     _weights_names = (DIFFUSERS_WEIGHTS,)
     _sgm_prefixes = (sgm.VAE_DECODER_PREFIX, sgm.VAE_ENCODER_PREFIX)
 
-    @classmethod
-    def _sgm_name(cls, name: str, module) -> str:
-        return sgm.vae_sgm_name(name, module)
-
-    @classmethod
-    def _single_file_default_config(cls) -> dict:
-        from ..configs import SVD_VAE
-
-        return dict(SVD_VAE)
+    _sgm_rename = staticmethod(sgm.vae_sgm_name)
+    _single_file_config = "SVD_VAE"  # the svd_jax.configs entry from_single_file defaults to
 
     @classmethod
     def from_config(cls, config, dtype=jnp.float32, options: ModelOptions = DEFAULT_OPTIONS):

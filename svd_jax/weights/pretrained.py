@@ -96,16 +96,11 @@ class PretrainedMixin:
         )
         return module, params
 
-    # Stability's single files (svd_jax/weights/sgm.py): a subclass names its tensors' prefixes and renaming
+    # Stability's single files (svd_jax/weights/sgm.py): a subclass names its tensors' prefixes, its renaming
+    # (diffusers name, module) -> single-file name, and the svd_jax.configs entry it defaults to
     _sgm_prefixes: tuple[str, ...] = ()
-
-    @classmethod
-    def _sgm_name(cls, name: str, module) -> str:  # pragma: no cover - provided by the subclasses that load them
-        raise NotImplementedError
-
-    @classmethod
-    def _single_file_default_config(cls) -> dict:  # pragma: no cover
-        raise NotImplementedError
+    _sgm_rename: Callable | None = None
+    _single_file_config: str | None = None
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: Mapping[str, Any] | str | os.PathLike | None = None,
@@ -126,10 +121,12 @@ class PretrainedMixin:
         """
         from .safetensors_io import read_safetensors
         from .sgm import sgm_tensors
-        from .torch_layout import flatten_shapes, path_to_torch_name
+        from .torch_layout import flatten_shapes, path_to_torch_name, torch_shape
 
         if config is None:
-            config = cls._single_file_default_config()
+            from .. import configs
+
+            config = dict(getattr(configs, cls._single_file_config))
         elif not isinstance(config, Mapping):
             try:
                 with open(os.fspath(config)) as fh:
@@ -144,19 +141,12 @@ class PretrainedMixin:
         needed = {}
         for fpath, shape in flatten_shapes(abstract).items():
             name, fn = path_to_torch_name(fpath, len(shape))
-            needed[name] = _torch_shape(fn, shape)
+            needed[name] = torch_shape(fn, shape)
         where = f"{cls.__name__} from the single file {p}"
-        tensors = sgm_tensors(needed, read_safetensors(p), lambda n: cls._sgm_name(n, module), cls._sgm_prefixes,
+        tensors = sgm_tensors(needed, read_safetensors(p), lambda n: cls._sgm_rename(n, module), cls._sgm_prefixes,
                               where)
         params = load_params(abstract, tensors, dtype, what=where, sharding_fn=param_sharding)
         return module, params
-
-
-def _torch_shape(fn, shape) -> tuple:
-    """The PyTorch-layout shape of a Flax parameter of ``shape`` (``fn``: its Flax -> PyTorch transform)."""
-    import numpy as np
-
-    return tuple(fn(np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(shape), (0,) * len(shape))).shape)
 
 
 def config_fields(cls, config: Mapping[str, Any]) -> dict:

@@ -88,11 +88,11 @@ def unet_sgm_name(name: str, unet) -> str:
     for k, v in fixed.items():
         if name.startswith(k + "."):
             return UNET_PREFIX + v + name[len(k):]
-    m = re.match(r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", name)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        block = down_start[i] + j
-        return f"{UNET_PREFIX}input_blocks.{block}.{0 if kind == 'resnets' else 1}.{_unet_block_inner(rest)}"
+    m = re.match(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", name)
+    if m:  # sgm numbers a level's blocks on from its first: resnet j is sub-block 0, its transformer 1
+        start, root = (down_start, "input_blocks") if m[1] == "down" else (up_start, "output_blocks")
+        block = start[int(m[2])] + int(m[4])
+        return f"{UNET_PREFIX}{root}.{block}.{0 if m[3] == 'resnets' else 1}.{_unet_block_inner(m[5])}"
     m = re.match(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)$", name)
     if m:
         i = int(m[1])
@@ -101,11 +101,6 @@ def unet_sgm_name(name: str, unet) -> str:
     if m:
         idx = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}[(m[1], int(m[2]))]
         return f"{UNET_PREFIX}middle_block.{idx}.{_unet_block_inner(m[3])}"
-    m = re.match(r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", name)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        block = up_start[i] + j
-        return f"{UNET_PREFIX}output_blocks.{block}.{0 if kind == 'resnets' else 1}.{_unet_block_inner(rest)}"
     m = re.match(r"^up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)$", name)
     if m:
         i = int(m[1])

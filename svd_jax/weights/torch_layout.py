@@ -266,6 +266,12 @@ def path_to_torch_name(path: FlaxPath, ndim: int) -> tuple[str, Callable[[np.nda
     return ".".join(parts + [torch_path[-1]]), t.inverse
 
 
+def torch_shape(fn: Callable[[np.ndarray], np.ndarray], shape) -> tuple[int, ...]:
+    """The PyTorch-layout shape of a Flax parameter of ``shape`` (``fn``: its Flax -> PyTorch transform, from
+    :func:`path_to_torch_name`); nothing is allocated."""
+    return tuple(fn(np.broadcast_to(np.zeros((), np.uint8), tuple(shape))).shape)
+
+
 def params_to_torch_state(params: Any) -> dict[str, np.ndarray]:
     """Flax params -> ``{pytorch_name: numpy array in PyTorch layout}`` (what ``save_pretrained`` would write)."""
     out = {}
