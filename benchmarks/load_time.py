@@ -37,51 +37,41 @@ def _vm_hwm() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _child_load(folder: str, dtype: str, variant: str | None, mesh: bool) -> dict:
+def _timed_load(load, dtype: str, mesh: bool) -> dict:
+    """``load(dtype, param_sharding) -> (module, params)`` timed up to block_until_ready, with the peak RSS and a
+    fingerprint of every 40th tensor (gathered to the host), to check that every layout loads the same numbers."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from svd_jax.models import UNetSpatioTemporalConditionModel
     from svd_jax.sharding import Partitioner, make_mesh
 
     sharding = Partitioner(make_mesh(), fsdp=True).param_sharding if mesh else None
     before = _vm_hwm()
     t0 = time.perf_counter()
-    _, params = UNetSpatioTemporalConditionModel.from_pretrained(folder, dtype=getattr(jnp, dtype), variant=variant,
-                                                                 param_sharding=sharding)
+    _, params = load(getattr(jnp, dtype), sharding)
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     peak = _vm_hwm()
     leaves = jax.tree_util.tree_leaves(params)
-    # A fingerprint of every 40th tensor (gathered to the host), to check that both folders load the same numbers.
     check = float(sum(np.asarray(x, np.float64).sum() for x in leaves[::40]))
     n_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
     return dict(load_s=load_s, peak_rss=peak, rss_before=before, devices=len(jax.devices()), checksum=check,
                 weights_bytes=n_bytes)
+
+
+def _child_load(folder: str, dtype: str, variant: str | None, mesh: bool) -> dict:
+    from svd_jax.models import UNetSpatioTemporalConditionModel
+
+    return _timed_load(lambda dt, sh: UNetSpatioTemporalConditionModel.from_pretrained(
+        folder, dtype=dt, variant=variant, param_sharding=sh), dtype, mesh)
 
 
 def _child_load_single(file: str, dtype: str, mesh: bool) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     from svd_jax.models import UNetSpatioTemporalConditionModel
-    from svd_jax.sharding import Partitioner, make_mesh
 
-    sharding = Partitioner(make_mesh(), fsdp=True).param_sharding if mesh else None
-    before = _vm_hwm()
-    t0 = time.perf_counter()
-    _, params = UNetSpatioTemporalConditionModel.from_single_file(file, dtype=getattr(jnp, dtype),
-                                                                  param_sharding=sharding)
-    jax.block_until_ready(params)
-    load_s = time.perf_counter() - t0
-    peak = _vm_hwm()
-    leaves = jax.tree_util.tree_leaves(params)
-    check = float(sum(np.asarray(x, np.float64).sum() for x in leaves[::40]))
-    n_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
-    return dict(load_s=load_s, peak_rss=peak, rss_before=before, devices=len(jax.devices()), checksum=check,
-                weights_bytes=n_bytes)
+    return _timed_load(lambda dt, sh: UNetSpatioTemporalConditionModel.from_single_file(
+        file, dtype=dt, param_sharding=sh), dtype, mesh)
 
 
 def _child_make_sgm(folder: str, file: str) -> dict:
