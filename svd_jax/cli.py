@@ -289,8 +289,8 @@ def _generate(args) -> int:
     loras = _check_loras(args)
     t0 = time.perf_counter()
     pipe = _load(args, variant, args.dtype)
-    for path, scale, _ in loras:
-        name = pipe.load_lora_weights(path, scale=scale)
+    for path, scale, lora in loras:  # read once, before the model loaded
+        name = pipe.load_lora_weights(lora, scale=scale)
         _status(args, f"LoRA {path} fused with weight {scale:g} ({name})")
     t1 = time.perf_counter()
     cache = enable_compile_cache()

@@ -328,13 +328,15 @@ class StableVideoDiffusionPipeline:
     # weight is new values, not new shapes: no recompile.
     def load_lora_weights(self, path_or_repo, adapter_name: str | None = None, scale: float = 1.0,
                           weight_name: str | None = None, subfolder: str | None = None) -> str:
-        """Load a LoRA (peft folder, diffusers-style file or hub repo id; :func:`svd_jax.lora.load_lora`) and use
+        """Load a LoRA (peft folder, diffusers-style file or hub repo id; :func:`svd_jax.lora.load_lora`; or an
+        already loaded :class:`svd_jax.lora.LoRA`) and use
         it in the next calls, beside the adapters already loaded, with weight ``scale``. Returns its name
         (``adapter_name``, default ``"adapter_<n>"``). An adapter that does not fit the UNet raises
         ``LoRAError`` and changes nothing."""
-        from ..lora import LoRAError, check_fits, load_lora
+        from ..lora import LoRA, LoRAError, check_fits, load_lora
 
-        lora = load_lora(path_or_repo, weight_name=weight_name, subfolder=subfolder)
+        lora = path_or_repo if isinstance(path_or_repo, LoRA) else \
+            load_lora(path_or_repo, weight_name=weight_name, subfolder=subfolder)
         adapters = self._lora_adapters
         name = adapter_name or f"adapter_{len(adapters)}"
         if name in adapters:
